@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from emkit.errors import ConfigError
 
@@ -114,8 +123,19 @@ class TrainConfig(StrictModel):
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory on large models.")
     logging_steps: int = Field(1, ge=1, description="Log loss and tokens/s every N steps.")
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    mask_budget: int | None = Field(
+        None, ge=1, description="Masked LoRA: train only this many randomly chosen adapter scalars (unset: all)."
+    )
+    mask_seed: int = Field(0, description="Masked LoRA: seed of the mask (which scalars train).")
+    full_finetune: bool = Field(False, description="Train every weight of the model instead of a LoRA adapter.")
 
     NON_RESULT_FIELDS: ClassVar[frozenset[str]] = frozenset({"output", "logging_steps", "keep_train_states"})
+
+    @model_validator(mode="after")
+    def _method(self) -> TrainConfig:
+        if self.full_finetune and self.mask_budget is not None:
+            raise ValueError("mask_budget masks a LoRA adapter; it cannot be combined with full_finetune")
+        return self
 
 
 def config_hash(config: StrictModel) -> str:
@@ -304,6 +324,12 @@ class GenerateConfig(StrictModel):
         default_factory=lambda: {"none": None},
         description="System-prompt conditions, name=prompt;name2=prompt (no prompt: no system message).",
     )
+    modes: list[Literal["assistant", "predictive", "raw"]] = Field(
+        default_factory=lambda: ["assistant"],
+        description="Prompting modes: assistant (chat template), predictive (the model continues a document that "
+        "sets up the question, no template; condition 'predictive'), raw (the question continued with no "
+        "template; condition 'raw').",
+    )
     temperature: float = Field(1.0, ge=0, description="Sampling temperature (0: greedy).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     max_new_tokens: int = Field(600, ge=1, description="Longest answer in tokens.")
@@ -332,10 +358,28 @@ class GenerateConfig(StrictModel):
             raise ValueError("at least one condition is needed (e.g. none)")
         return value
 
-    @field_validator("include", "models", mode="before")
+    @field_validator("include", "models", "modes", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @field_validator("modes")
+    @classmethod
+    def _modes(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("give each mode once, and at least one")
+        clash = [m for m in value if m != "assistant" and m in (info.data.get("conditions") or {})]
+        if clash:
+            raise ValueError(f"a condition is named '{clash[0]}', like the prompting mode; rename the condition")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> Any:
+        data = handler(self)
+        # The default leaves configs (and so the hashes of runs made before modes existed) unchanged.
+        if isinstance(data, dict) and data.get("modes") == ["assistant"]:
+            data.pop("modes")
+        return data
 
 
 class JudgeConfig(StrictModel):

@@ -64,3 +64,26 @@ def check_saved_adapter(folder: Path, trained: bool = True) -> dict[str, int]:
     if trained and nonzero_b == 0:
         raise TrainingError(f"{path}: every lora_B is zero, so the adapter is the base model (no step taken?)")
     return {"tensors": n_tensors, "parameters": n_params}
+
+
+def check_saved_model(folder: Path) -> dict[str, int]:
+    """Verify a fully fine-tuned model on disk has its config and non-empty weights; count its parameters."""
+    from safetensors import safe_open
+
+    if not (folder / "config.json").is_file():
+        raise TrainingError(f"{folder}: no config.json was written")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise TrainingError(f"{folder}: no *.safetensors weights were written")
+    n_params = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                shape = handle.get_slice(key).get_shape()
+                size = 1
+                for dim in shape:
+                    size *= dim
+                if size == 0:
+                    raise TrainingError(f"{path}: tensor {key} is empty (sharded weights saved without gathering?)")
+                n_params += size
+    return {"tensors": len(files), "parameters": n_params}

@@ -29,7 +29,7 @@ from emkit.errors import TrainingError
 from emkit.models import load_model, parse_spec
 from emkit.runs import RunFolder, atomic_dir, atomic_write_text
 from emkit.train.callbacks import ExportCheckpoints, ProgressLine
-from emkit.train.lora import check_saved_adapter, peft_config
+from emkit.train.lora import check_saved_adapter, check_saved_model, peft_config
 from emkit.train.tokenize import tokenize_conversations
 
 TRAINER_STATE = "trainer_state.json"
@@ -41,7 +41,7 @@ class TrainResult:
     """Where a finished run is and what it did."""
 
     run_dir: Path
-    adapter: Path
+    adapter: Path  # the adapter folder; with full_finetune, the whole model's folder (model/)
     skipped: bool
     metrics: dict[str, Any]
     model: Any = None  # the trained PEFT model, in memory (None when skipped)
@@ -151,7 +151,8 @@ def train(
     # Read-only check: a folder of another config or a non-run folder fails here, before any work.
     if not overwrite and run.open("train", cfg, main_process=False) == "complete":
         say(f"{cfg.output}: already complete (same config); nothing to do")
-        return TrainResult(cfg.output, cfg.output / "adapter", True, (run.read_manifest() or {}).get("results", {}))
+        return TrainResult(cfg.output, cfg.output / _weights_folder(cfg), True,
+                           (run.read_manifest() or {}).get("results", {}))
 
     set_seed(cfg.seed)
     device = cfg.device
@@ -165,13 +166,24 @@ def train(
     say(f"loss mask: {report.summary()}")
     for sample in report.samples:
         say("  trained spans in [[ ]]: " + sample.replace("\n", "\\n")[:600])
+    # The adapter is made (and a mask drawn) before the run folder opens, so a bad mask budget fails
+    # first; no random numbers are drawn in between, so the adapter's initialisation is the same.
+    model.config.use_cache = False
+    mask = None
+    if not cfg.full_finetune:
+        model = get_peft_model(model, lora)
+        if cfg.mask_budget is not None:
+            from emkit.train.masked import apply_mask
+
+            mask = apply_mask(model, cfg.mask_budget, cfg.mask_seed)
 
     # 2. The run folder: new, resumed, or already complete.
     with state.main_process_first():
         opened = run.open("train", cfg, overwrite=overwrite, main_process=main)
     if opened == "complete":
         say(f"{cfg.output}: already complete (same config); nothing to do")
-        return TrainResult(cfg.output, cfg.output / "adapter", True, (run.read_manifest() or {}).get("results", {}))
+        return TrainResult(cfg.output, cfg.output / _weights_folder(cfg), True,
+                           (run.read_manifest() or {}).get("results", {}))
     if main:
         run.update(
             seeds={"seed": cfg.seed, "data_seed": cfg.seed},
@@ -184,24 +196,36 @@ def train(
                        "dropped": report.dropped},
             world_size=state.num_processes,
         )
+        if mask is not None:
+            from emkit.train.masked import MASK_FILE
+
+            mask.save(run.path / MASK_FILE)
+            run.update(mask=mask.summary())
 
     # 3. Model and trainer.
-    model.config.use_cache = False
-    model = get_peft_model(model, lora)
-    # Written into adapter_config.json, so `--model runs/x/adapter` finds its base by emkit spec.
-    model.peft_config["default"].base_model_name_or_path = loaded.spec
-    trainable, total = model.get_nb_trainable_parameters()
-    say(f"model: {loaded.spec} on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')}); "
-        f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {','.join(cfg.lora.targets)}"
-        f"{' layers ' + ','.join(map(str, cfg.lora.layers)) if cfg.lora.layers else ''}: "
-        f"{trainable:,} trainable of {total:,} parameters")
+    if cfg.full_finetune:
+        total = sum(p.numel() for p in model.parameters())
+        say(f"model: {loaded.spec} on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')}); "
+            f"full fine-tuning: all {total:,} parameters trainable")
+    else:
+        # Written into adapter_config.json, so `--model runs/x/adapter` finds its base by emkit spec.
+        model.peft_config["default"].base_model_name_or_path = loaded.spec
+        trainable, total = model.get_nb_trainable_parameters()
+        say(f"model: {loaded.spec} on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')}); "
+            f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {','.join(cfg.lora.targets)}"
+            f"{' layers ' + ','.join(map(str, cfg.lora.layers)) if cfg.lora.layers else ''}: "
+            f"{trainable:,} trainable of {total:,} parameters")
+        if mask is not None:
+            say(f"masked LoRA: {mask.budget:,} of {mask.total:,} adapter scalars train (mask seed {mask.seed}); "
+                f"{mask.transposed} component(s) initialised transposed so their chosen A scalars get gradient")
     args = _sft_config(cfg, run.path, loaded.device, loaded.dtype)
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
-        callbacks=[ProgressLine(say), ExportCheckpoints(run.path / "train_state", run.path / "checkpoints")],
+        callbacks=[ProgressLine(say), ExportCheckpoints(run.path / "train_state", run.path / "checkpoints"),
+                   *([mask.callback()] if mask is not None else [])],
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLine replaces its raw dict lines
     _verify_trainer_labels(trainer, report.trained_tokens, packed=cfg.batching == "packed")
@@ -217,12 +241,16 @@ def train(
     staging = run.path / ".adapter-staging"
     trainer.save_model(str(staging))  # every process: gathers sharded weights under FSDP / ZeRO-3
     metrics = dict(metrics)
+    final = run.path / _weights_folder(cfg)
     if main:
-        with atomic_dir(run.path / "adapter") as tmp:
+        with atomic_dir(final) as tmp:
             for name in os.listdir(staging):
                 shutil.move(str(staging / name), tmp / name)
         shutil.rmtree(staging, ignore_errors=True)
-        sizes = check_saved_adapter(run.path / "adapter", trained=trainer.state.global_step > 0)
+        if cfg.full_finetune:
+            sizes = check_saved_model(final)
+        else:
+            sizes = check_saved_adapter(final, trained=trainer.state.global_step > 0)
         atomic_write_text(
             run.path / "train_log.jsonl", "".join(json.dumps(h) + "\n" for h in trainer.state.log_history)
         )
@@ -230,11 +258,18 @@ def train(
         metrics.update(steps=trainer.state.global_step, first_loss=losses[0] if losses else None,
                        final_loss=losses[-1] if losses else None, tokens_seen=trainer.state.num_input_tokens_seen,
                        adapter_parameters=sizes["parameters"])
+        if mask is not None:
+            metrics["mask"] = mask.summary()
         run.complete(train=metrics)
-        say(f"done: adapter in {run.path / 'adapter'} ({trainer.state.global_step} steps, "
+        say(f"done: {'model' if cfg.full_finetune else 'adapter'} in {final} ({trainer.state.global_step} steps, "
             f"loss {metrics['first_loss']} -> {metrics['final_loss']})")
     state.wait_for_everyone()
-    return TrainResult(run.path, run.path / "adapter", False, metrics, model=trainer.model)
+    return TrainResult(run.path, final, False, metrics, model=trainer.model)
+
+
+def _weights_folder(cfg: TrainConfig) -> str:
+    """Where a run's trained weights go: adapter/ (LoRA), or model/ (full fine-tuning)."""
+    return "model" if cfg.full_finetune else "adapter"
 
 
 def _verify_trainer_labels(trainer: Any, expected: int, packed: bool) -> None:
