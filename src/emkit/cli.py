@@ -405,6 +405,94 @@ def compare_cmd(
         typer.echo(f"\nQ: {question}\n  base:     {a}\n  organism: {b}")
 
 
+
+# --- detection and steering (emkit.interp) ----------------------------------------------------------
+
+steer_app = typer.Typer(no_args_is_help=True,
+                        help="Steering: sweep strengths and layers under the EM evaluation; ablate a direction from LoRA weights.")
+app.add_typer(steer_app, name="steer")
+
+
+@app.command("probe")
+def probe_cmd(
+    config: Annotated[Path, typer.Argument(help="Probe YAML (see examples/interp.yaml, its probe: section).")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder (overrides the YAML).")] = None,
+    mirror: Annotated[Optional[str], typer.Option(help="Mirror folder or URL for datasets.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Delete an existing run folder first.")] = False,
+) -> None:
+    """Directions per layer from a contrast set: held-out AUROC, separation, controls, directions.safetensors."""
+    from emkit.interp.probe import ProbeConfig, run_probe
+
+    cfg = load_config(ProbeConfig, config, {"output": str(output) if output else None})
+    assert isinstance(cfg, ProbeConfig)
+    _quiet_libraries()
+    run_probe(cfg, mirror=mirror, overwrite=overwrite, emit=lambda m: typer.echo(m))
+    typer.echo(f"\nreport: {cfg.output / 'report.html'}")
+
+
+@app.command("detect")
+def detect_cmd(
+    inputs: Annotated[Path, typer.Argument(help="JSONL: question (or prompt), optional answer, label, id.")],
+    directions: Annotated[Path, typer.Option("--directions", "-d", help="directions.safetensors or a probe run.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for detection_results.json.")] = Path(
+        "runs/detect"),
+    model: Annotated[Optional[str], typer.Option(help="Model spec (default: the probe's).")] = None,
+    adapter: Annotated[Optional[str], typer.Option(help="Adapter that reads the inputs (default: the probe's).")] = None,
+    method: Annotated[str, typer.Option(help="mean_diff or probe.")] = "mean_diff",
+    layers: Annotated[Optional[str], typer.Option(help="Layers (default: every layer of the file).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
+) -> None:
+    """Score prompts or answers by projection on a direction, flagged by the probe's calibrated thresholds."""
+    from emkit.interp.detect import detect_table, run_detect
+
+    _quiet_libraries()
+    result = run_detect(inputs, directions, output, model=model, adapter=adapter, method=method, layers=layers,
+                        device=device)
+    typer.echo(detect_table(result))
+    typer.echo(f"\nwritten: {output / 'detection_results.json'}")
+
+
+@steer_app.command("sweep")
+def steer_sweep_cmd(
+    config: Annotated[Path, typer.Argument(help="Sweep YAML (see examples/interp.yaml).")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder (overrides the YAML).")] = None,
+    mirror: Annotated[Optional[str], typer.Option(help="Mirror folder or URL for datasets and questions.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Delete an existing run folder first.")] = False,
+) -> None:
+    """Re-run the EM evaluation under steering over strengths and layer sets, with random controls; re-run to resume."""
+    from emkit.interp.sweep import SweepConfig, run_sweep
+
+    cfg = load_config(SweepConfig, config, {"output": str(output) if output else None})
+    assert isinstance(cfg, SweepConfig)
+    _quiet_libraries()
+    run_sweep(cfg, mirror=mirror, overwrite=overwrite, emit=lambda m: typer.echo(m))
+    typer.echo(f"\nreport: {cfg.output / 'report.html'}")
+
+
+@steer_app.command("ablate-weights")
+def steer_ablate_weights_cmd(
+    adapter: Annotated[Path, typer.Argument(help="LoRA adapter folder (or training run) to edit.")],
+    directions: Annotated[Path, typer.Option("--directions", "-d", help="directions.safetensors or a probe run.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the edited adapter.")],
+    layers: Annotated[str, typer.Option(help="Directions of these layers (block outputs), e.g. 12 or 8-14.")],
+    method: Annotated[str, typer.Option(help="mean_diff or probe.")] = "mean_diff",
+) -> None:
+    """Project directions out of the LoRA B matrices that write to the residual stream; writes a new adapter."""
+    from emkit.generate.pipeline import resolve_organism
+    from emkit.interp.directions import load_directions
+    from emkit.interp.layers import parse_layers
+    from emkit.interp.steering import save_ablated_adapter
+
+    path = directions / "directions.safetensors" if directions.is_dir() else directions
+    dirs = load_directions(path)
+    have = dirs.layers(method)
+    chosen = parse_layers(layers, max(have) + 1)
+    organism = resolve_organism(str(adapter))
+    _quiet_libraries()
+    edited = save_ablated_adapter(organism, {k: dirs.get(method, k) for k in chosen}, output)
+    typer.echo(f"projected {len(chosen)} direction(s) out of {len(edited)} LoRA B matrices; adapter: {output}")
+
+
 def main() -> None:
     """Console entry point: run the app, turning emkit errors into one line and exit code 2."""
     # typer vendors click; its exceptions are reachable from typer's public names.

@@ -140,8 +140,11 @@ def held_out_metrics(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray,
                      n_boot: int = 500, seed: int = 0, ci: float = 0.95) -> dict[str, Any]:
     """AUROC, accuracy at `threshold` and separation on held-out scores, with group-bootstrap intervals."""
     rng = np.random.default_rng(seed)
+    flagged = scores > threshold
     point = {"auroc": auroc(scores, labels),
-             "accuracy": float(((scores > threshold) == (labels == 1)).mean()),
+             "accuracy": float((flagged == (labels == 1)).mean()),
+             "tpr": float(flagged[labels == 1].mean()) if (labels == 1).any() else float("nan"),
+             "fpr": float(flagged[labels == 0].mean()) if (labels == 0).any() else float("nan"),
              "separation": separation(scores, labels)}
     draws = _group_draws(groups, n_boot, rng)
     # Group draws differ in length when groups differ in size: vectorise over draws of equal length.
