@@ -281,3 +281,37 @@ def test_weight_ablation_makes_lora_updates_orthogonal(tiny_peft) -> None:
     q = model.get_submodule(edited[0].rsplit(".", 2)[0] + ".self_attn.q_proj")
     q0 = tiny_peft.get_submodule(edited[0].rsplit(".", 2)[0] + ".self_attn.q_proj")
     assert torch.equal(q.lora_B["default"].weight, q0.lora_B["default"].weight)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_collection_and_ablation(tiny_model: Path) -> None:
+    """On CUDA in bfloat16: batched == one-at-a-time, close to float32 CPU, ablation exact to bf16 precision."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    cpu = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    gpu = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).to("cuda").eval()
+    examples = _examples(6)
+    ref = collect(cpu, tokenizer, examples, [0, 1], "response_mean", batch_size=6, progress=False)
+    batched = collect(gpu, tokenizer, examples, [0, 1], "response_mean", batch_size=6, progress=False)
+    single = collect(gpu, tokenizer, examples, [0, 1], "response_mean", batch_size=1, progress=False)
+    for k in (0, 1):
+        assert batched.layers[k].dtype == np.float32
+        np.testing.assert_allclose(batched.layers[k], single.layers[k], atol=0.05, rtol=0.05)
+        np.testing.assert_allclose(batched.layers[k], ref.layers[k], atol=0.1, rtol=0.1)
+    u = torch.randn(64)
+    u /= u.norm()
+    seen: list[torch.Tensor] = []
+    enc = tokenizer([examples[0].prompt], return_tensors="pt", add_special_tokens=False).to("cuda")
+    with ablate(gpu, {1: u}):
+        handle = _capture(gpu, 1, seen)
+        try:
+            gpu.generate(**enc, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        finally:
+            handle.remove()
+    assert len(seen) == 3
+    for s in seen:
+        assert s.dtype == torch.bfloat16
+        comp = (s.float() @ u.cuda()).abs()
+        assert comp.max() < 0.05 * s.float().norm(dim=-1).max()

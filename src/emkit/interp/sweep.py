@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from emkit.config import DEFAULT_MODEL, GenerateConfig, JudgeConfig, StrictModel
+from emkit.config import DEFAULT_MODEL, GenerateConfig, JudgeConfig, StrictModel, TrainConfig
 from emkit.errors import ConfigError, DataError
 from emkit.interp.probe import ProbeConfig
 
@@ -37,7 +37,8 @@ class SweepConfig(StrictModel):
 
     output: Path = Field(Path("runs/steer"), description="Run folder to write (and resume).")
     model: str = Field(DEFAULT_MODEL, description="Base model spec.")
-    organism: str = Field(..., description="The organism to steer: adapter folder or training run folder.")
+    organism: str | None = Field(None, description="The organism to steer: adapter folder or training run folder.")
+    train: TrainConfig | None = Field(None, description="Or train the organism first (into <output>/organism).")
     directions: Path | None = Field(None, description="A directions.safetensors file or a probe run folder.")
     probe: ProbeConfig | None = Field(None, description="Or compute the directions first (into <output>/probe).")
     method: Literal["mean_diff", "probe"] = Field("mean_diff", description="Which direction of the file.")
@@ -291,10 +292,23 @@ def run_sweep(cfg: SweepConfig, *, mirror: str | None = None, overwrite: bool = 
 
     if cfg.generate.backend != "transformers":
         raise ConfigError("steering needs the transformers backend (hooks run inside the local model)")
-    organism = resolve_organism(cfg.organism)
+    if (cfg.organism is None) == (cfg.train is None):
+        raise ConfigError("give either organism (an adapter or training run) or train (to train one), not both")
+    if cfg.organism is not None:
+        resolve_organism(cfg.organism)
     questions = load_question_set(cfg.generate, mirror)
     run = RunFolder(cfg.output)
     run.open("steer_sweep", cfg, overwrite=overwrite)
+    if cfg.train is not None:
+        from emkit.train.sft import train
+
+        train_cfg = cfg.train.model_copy(update={"output": run.path / "organism", "model": cfg.model})
+        emit(f"== train: {train_cfg.model} on {train_cfg.data} -> {train_cfg.output}")
+        with run.stage("train") as record:
+            trained = train(train_cfg, mirror=mirror, emit=emit)
+            record.update(skipped=trained.skipped, steps=trained.metrics.get("steps"))
+        cfg = cfg.model_copy(update={"organism": str(trained.run_dir)})
+    organism = resolve_organism(cfg.organism)
     with run.stage("directions") as record:
         directions, best = resolve_directions(cfg, run.path, mirror=mirror, emit=emit, progress=progress)
         record.update(best_layer=best, method=cfg.method)
