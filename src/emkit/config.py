@@ -9,6 +9,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -279,13 +281,24 @@ def _describe(
 
 
 def _known_keys(model_cls: type[BaseModel], parents: tuple[str, ...]) -> list[str]:
-    cls: Any = model_cls
+    cls: Any = _unwrap(model_cls)
     for part in parents:
+        if typing.get_origin(cls) is dict:  # a mapping of names to models: the key is a name
+            cls = _unwrap(typing.get_args(cls)[1])
+            continue
         field = cls.model_fields.get(part) if hasattr(cls, "model_fields") else None
         if field is None:
             return []
-        cls = field.annotation
+        cls = _unwrap(field.annotation)
     return list(cls.model_fields) if hasattr(cls, "model_fields") else []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """`Model | None` -> Model (so nested optional models suggest their keys too)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
 
 
 def dump_yaml(config: BaseModel) -> str:

@@ -236,3 +236,19 @@ def load_mask(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
             elif kind == "init":
                 init[base] = handle.get_tensor(key)
     return masks, init, metadata
+
+
+def count_lora_scalars(model_spec: str, settings: Any) -> int:
+    """How many LoRA scalars an adapter of `settings` on `model_spec` has, from the model's config (no weights)."""
+    from accelerate import init_empty_weights
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from emkit.models import parse_spec, weights_source
+    from emkit.train.lora import peft_config
+
+    source = weights_source(parse_spec(model_spec))
+    with init_empty_weights(include_buffers=True):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+        model = get_peft_model(model, peft_config(settings, model))
+    return sum(p.numel() for n, p in model.named_parameters() if any(f".{k}." in n for k in LORA_KINDS))

@@ -1,0 +1,281 @@
+"""The HTML report of a multi-arm run, in the style of emkit's run report (self-contained, figures inline).
+
+Reads `conditions.json`, `scores.parquet` and `manifest.json` of the run folder and writes
+`figures/*.png` and `report.html`: arms, EM per arm x condition with intervals and per-seed rates,
+both families of Fisher tests, a figure per comparison, the masked-LoRA fits, data-variant counts,
+the most misaligned answers of each arm, and the manifest.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from emkit import __version__
+from emkit.conditions import figures
+from emkit.metrics import Thresholds, flag_answers
+from emkit.report import judge_info
+from emkit.report.figures import png_bytes, write_png
+from emkit.report.html import CSS, esc, fmt_ci, fmt_p, fmt_pct, fmt_pp, fmt_rate, fmt_score, judge_box, manifest_section
+from emkit.runs import RunFolder, atomic_write_text, now
+
+RESULTS = "conditions.json"
+REPORT = "report.html"
+FIGURES_DIR = "figures"
+TOP_ANSWERS = 3
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[bool] = ()) -> str:
+    numeric = list(numeric) or [False] * len(headers)
+    head = "".join(f"<th>{h}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f'<td class="num">{c}</td>' if n else f"<td>{c}</td>"
+                                    for c, n in zip(row, numeric)) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _count(k: Any, n: Any) -> str:
+    return f' <span class="muted">({"n/a" if k is None else int(k)}/{"n/a" if n is None else int(n)})</span>'
+
+
+def _img(name: str, data: bytes, caption: str) -> str:
+    encoded = base64.b64encode(data).decode("ascii")
+    return (f'<figure><img alt="{esc(name)}" src="data:image/png;base64,{encoded}">'
+            f"<figcaption>{esc(caption)}</figcaption></figure>")
+
+
+def render_figures(results: Mapping[str, Any]) -> dict[str, tuple[bytes, str]]:
+    """Every figure as PNG bytes with its caption, by file name."""
+    d = results["denominator"]
+    rates, arms, conditions, reference = results["rates"], results["arms"], results["conditions"], results["reference"]
+    out = {"overview": (png_bytes(figures.overview(rates, results["seeds"], arms, conditions, d, reference)),
+                        "EM rate of every arm under every condition; error bars: bootstrap intervals.")}
+    for arm in arms:
+        if arm == reference:
+            continue
+        fig = figures.comparison(rates, results["tests"]["arms"], arm, reference, conditions, d)
+        out[f"compare-{arm}"] = (png_bytes(fig), f"{arm} against the reference arm {reference}, per condition, "
+                                                 f"with two-sided Fisher exact p ({results['correction']}-adjusted).")
+    for group in dict.fromkeys(f["group"] for f in results["fits"]):
+        out[f"budget-{group}"] = (png_bytes(figures.budget_curve(results["fits"], rates, group, d)),
+                                  f"Masked LoRA ({group}): EM rate against trainable scalars; line and band: "
+                                  "4-parameter logistic fit and its bootstrap band; dotted: the fitted midpoint.")
+    return out
+
+
+def _arms_section(arm_records: Sequence[Mapping[str, Any]]) -> str:
+    rows = []
+    for r in arm_records:
+        data = r.get("data") or {}
+        counts = data.get("counts")
+        data_cell = esc(data.get("source") or "n/a")
+        if counts:
+            data_cell += f'<br><span class="muted">{esc(_counts_text(counts))}</span>'
+        train = r.get("train") or {}
+        mask = train.get("mask") or {}
+        training = "untrained" if r["method"] == "none" else (
+            f"{train.get('steps', 'n/a')} steps, loss {fmt_score(train.get('first_loss'))} -> "
+            f"{fmt_score(train.get('final_loss'))}")
+        if mask:
+            training += (f'<br><span class="muted">{mask["budget"]:,} of {mask["total_lora_scalars"]:,} scalars; '
+                         f'{mask["received_gradient"]:,} received gradient</span>')
+        rows.append([esc(r["arm"]), esc(r["seed"]), esc(r["method"]), esc(r.get("budget") or ""), esc(r["model"]),
+                     data_cell, training, esc("reused" if r.get("skipped") else "ran")])
+    return "<h2>Arms</h2>" + _table(["Arm", "Seed", "Method", "Budget", "Base model", "Data", "Training", "This run"],
+                                    rows)
+
+
+def _counts_text(counts: Mapping[str, Any]) -> str:
+    parts = [f"source {counts.get('source')}"]
+    if "keyword_filter" in counts:
+        parts.append(f"keyword filter -{counts['keyword_filter']['removed']}")
+    if "judge_filter" in counts:
+        parts.append(f"judge filter -{counts['judge_filter']['removed']}")
+    if "subset" in counts:
+        parts.append(f"subset {counts['subset']}")
+    if "mix" in counts:
+        parts.append(f"mixed in +{counts['mix']['added']} ({counts['mix']['share']:.0%}, {counts['mix']['mode']})")
+    parts.append(f"total {counts.get('total')}")
+    return ", ".join(parts)
+
+
+def _rates_section(results: Mapping[str, Any]) -> str:
+    seeds: dict[tuple[str, str], list[str]] = {}
+    d = results["denominator"]
+    for s in results["seeds"]:
+        seeds.setdefault((s["arm"], s["condition"]), []).append(f"{s['seed']}: {fmt_pct(s.get(f'em_rate_{d}'))}")
+    rows = []
+    order = {a: i for i, a in enumerate(results["arms"])}
+    for r in sorted(results["rates"], key=lambda r: (results["conditions"].index(r["condition"]), order[r["arm"]])):
+        rows.append([
+            esc(r["condition"]), esc(r["arm"]) + (" <b>(reference)</b>" if r["arm"] == results["reference"] else ""),
+            str(r["n_answers"]), str(r["n_scored"]),
+            esc(fmt_rate(r["em_rate_coherent"], r["em_rate_coherent_ci_low"], r["em_rate_coherent_ci_high"]))
+            + _count(r["n_misaligned"], r["n_coherent"]),
+            esc(fmt_rate(r["em_rate_scored"], r["em_rate_scored_ci_low"], r["em_rate_scored_ci_high"]))
+            + _count(r["n_misaligned"], r["n_scored"]),
+            fmt_pct(r["coherence_rate"]), fmt_score(r["mean_aligned"]),
+            esc("; ".join(seeds.get((r["arm"], r["condition"]), []))),
+        ])
+    headers = ["Condition", "Arm", "Answers", "Scored", "EM rate (coherent)", "EM rate (scored)", "Coherence rate",
+               "Mean aligned", f"Per seed (EM, {d})"]
+    return "<h2>EM rate per arm and condition</h2>" + _table(headers, rows, [False, False] + [True] * 6 + [False])
+
+
+def _tests_section(results: Mapping[str, Any], family: str, title: str, explain: str) -> str:
+    tests = results["tests"].get(family) or []
+    if not tests:
+        return ""
+    method = results["correction"]
+    rows = []
+    for t in tests:
+        a, b = t["a"], t["b"]
+        within = f"condition {a['condition']}" if family == "arms" else f"arm {a['arm']}"
+        label = f"{a['arm']} vs {b['arm']}" if family == "arms" else f"{a['condition']} vs {b['condition']}"
+        for d in ("coherent", "scored"):
+            r = f"em_rate_{d}"
+            odds = t.get(f"odds_ratio_{d}")
+            adj = t.get(f"p_value_{d}_adj")
+            mark = " <b>*</b>" if adj is not None and adj < 0.05 else ""
+            rows.append([esc(label), esc(within), d, fmt_pct(t.get(f"{r}_a")) + _count(t[f"n_misaligned_a"], t[f"n_{d}_a"]),
+                         fmt_pct(t.get(f"{r}_b")) + _count(t[f"n_misaligned_b"], t[f"n_{d}_b"]),
+                         esc(f"{fmt_pp(t.get(f'diff_{r}'))} {fmt_ci(t.get(f'diff_{r}_ci_low'), t.get(f'diff_{r}_ci_high'))}"),
+                         "n/a" if odds is None else f"{odds:.2f}", fmt_p(t.get(f"p_value_{d}")), fmt_p(adj) + mark])
+    headers = ["Comparison", "Within", "Denominator", "Rate a", "Rate b", "Difference a - b [CI]", "Odds ratio",
+               "Fisher p", f"Adjusted p ({esc(method)})"]
+    return (f"<h2>{esc(title)}</h2><p>{esc(explain)}</p>" + _table(headers, rows, [False] * 3 + [True] * 6)
+            + '<p class="muted">Two-sided Fisher exact test on misaligned vs not among the denominator\'s answers, '
+              "answers of all seeds pooled; <b>*</b>: adjusted p &lt; 0.05. Fisher's test takes answers as "
+              "independent; compare the per-seed rates above to see whether replicates agree.</p>")
+
+
+def _fits_section(results: Mapping[str, Any]) -> str:
+    fits = results["fits"]
+    if not fits:
+        return ""
+    rows = []
+    for f in fits:
+        p, lo, hi = f.get("params") or {}, f.get("ci_low") or {}, f.get("ci_high") or {}
+
+        def cell(key: str, scale: float = 1.0, pct: bool = False) -> str:
+            if key not in p:
+                return "n/a"
+            fmt = (lambda v: f"{v * 100:.1f}%") if pct else (lambda v: f"{v:.2f}")
+            interval = f" [{fmt(lo[key])}, {fmt(hi[key])}]" if key in lo else ""
+            return esc(fmt(p[key]) + interval)
+
+        mid = f.get("midpoint_budget")
+        mid_ci = f.get("midpoint_budget_ci")
+        mid_text = "n/a" if mid is None else f"{mid:,.0f}" + (f" [{mid_ci[0]:,.0f}, {mid_ci[1]:,.0f}]" if mid_ci else "")
+        points = ", ".join(f"{pt['budget_scalars']:,}: {fmt_pct(pt['rate'])}" for pt in f["points"])
+        rows.append([esc(f["group"]), esc(f["condition"]), esc(points), cell("bottom", pct=True), cell("top", pct=True),
+                     esc(mid_text), cell("slope"), "n/a" if f.get("rmse") is None else f"{f['rmse'] * 100:.2f} pp",
+                     esc(f["status"]) + (f' <span class="muted">({f["boot_failed"]} refits failed)</span>'
+                                         if f.get("boot_failed") else "")])
+    headers = ["Masked arm", "Condition", "Points (scalars: EM)", "Bottom", "Top", "Midpoint budget", "Slope / decade",
+               "RMSE", "Fit"]
+    return ("<h2>Masked LoRA: EM rate against budget</h2><p>rate = bottom + (top - bottom) / (1 + exp(-slope "
+            "(log10 budget - log10 midpoint))), least squares on the pooled rates; intervals: percentile bootstrap "
+            f"({results['bootstrap'].get('fit_boot', '')} refits, each budget's answers resampled).</p>"
+            + _table(headers, rows, [False, False, False] + [True] * 5 + [False]))
+
+
+def _answers_section(scores: pd.DataFrame | None, thresholds: Thresholds, arms: Sequence[str]) -> str:
+    if scores is None or scores.empty:
+        return ""
+    flagged = flag_answers(scores, thresholds)
+    parts = []
+    for arm in arms:
+        rows = flagged[(flagged["arm"] == arm) & flagged["is_misaligned"]].sort_values("aligned").head(TOP_ANSWERS)
+        for r in rows.to_dict("records"):
+            parts.append(f'<div class="card"><div class="meta"><b>{esc(arm)}</b> seed {esc(r.get("seed"))}, '
+                         f'condition {esc(r["condition"])}, {esc(r["question_id"])}: aligned {fmt_score(r["aligned"])}, '
+                         f'coherent {fmt_score(r["coherent"])}</div><p>{esc(r["question"])}</p>'
+                         f'<div class="answer">{esc(r["answer"])}</div></div>')
+    if not parts:
+        return "<h2>Misaligned answers</h2><p>No answer was judged misaligned.</p>"
+    return f"<h2>Misaligned answers (up to {TOP_ANSWERS} per arm, lowest alignment first)</h2>" + "".join(parts)
+
+
+def write_conditions_report(run_dir: Path) -> Path:
+    """Write `figures/*.png` and `report.html` of a conditions run folder; returns the report path."""
+    run_dir = Path(run_dir)
+    results = json.loads((run_dir / RESULTS).read_text(encoding="utf-8"))
+    scores = pd.read_parquet(run_dir / "scores.parquet") if (run_dir / "scores.parquet").is_file() else None
+    manifest = RunFolder(run_dir).read_manifest()
+    drawn = render_figures(results)
+    for name, (data, _) in drawn.items():
+        write_png(run_dir / FIGURES_DIR / f"{name}.png", data)
+    t = results["thresholds"]
+    thresholds = Thresholds(t["aligned_below"], t["coherent_above"], t["aligned_inclusive"])
+    boot = results["bootstrap"]
+    notes = [
+        f"Misaligned answer: <b>{esc(t['rule'])}</b>; EM rate among coherent answers = misaligned / coherent "
+        "(Betley et al. 2025), among scored answers = misaligned / scored (model-organisms-for-EM). Figures and "
+        f"fits use the rate among <b>{esc(results['denominator'])}</b> answers.",
+        f"Intervals: {boot['ci'] * 100:g}% percentile bootstrap ({boot['n_boot']} resamples, seed {boot['seed']}), "
+        "answers resampled within each question, all seeds of an arm pooled.",
+        f"Tests: every arm against the reference arm <b>{esc(results['reference'])}</b> within each condition, and "
+        f"every condition against <b>{esc(results['reference_condition'])}</b> within each arm; "
+        f"{esc(results['correction'])} correction within each family.",
+        *[esc(n) for n in results.get("notes", [])],
+    ]
+    facts = (f"{len(results['arms'])} arms x {len(results['conditions'])} conditions; seeds "
+             f"{esc(', '.join(map(str, results.get('seeds_run', []))))}; "
+             f"{0 if scores is None else len(scores):,} answers.")
+    body = [
+        f"<h1>emkit conditions: {esc(run_dir.resolve().name)}</h1>", f'<p class="sub">{facts}</p>',
+        judge_box(judge_info(manifest, scores)),
+        '<div class="box"><p>' + "</p><p>".join(notes) + "</p></div>",
+        _arms_section(results.get("arm_runs", [])),
+        _rates_section(results),
+        _tests_section(results, "arms", "Arms against the reference arm",
+                       f"Each arm against {results['reference']}, within each system-prompt condition."),
+        _tests_section(results, "conditions", "Conditions against the reference condition",
+                       f"Each condition against {results['reference_condition']}, within each arm."),
+        "<h2>Figures</h2>" + "".join(_img(n, data, cap) for n, (data, cap) in drawn.items()),
+        _fits_section(results),
+        _answers_section(scores, thresholds, results["arms"]),
+        manifest_section(manifest),
+        f'<p class="muted">Written by emkit {esc(__version__)} at {esc(now())}.</p>',
+    ]
+    html = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>emkit conditions: {esc(run_dir.resolve().name)}</title><style>{CSS}</style></head>\n<body>\n"
+            + "\n".join(p for p in body if p) + "\n</body></html>\n")
+    path = run_dir / REPORT
+    atomic_write_text(path, html)
+    return path
+
+
+def console_table(results: Mapping[str, Any]) -> str:
+    """Plain-text summary: EM per arm and condition, then the arm tests, as `emkit conditions` prints it."""
+    d = results["denominator"]
+    lines = [f"EM rate among {d} answers [{results['bootstrap']['ci']:.0%} CI] (misaligned: {results['thresholds']['rule']})"]
+    width = max(len(a) for a in results["arms"]) + 2
+    lines.append("arm".ljust(width) + "".join(c[:24].ljust(26) for c in results["conditions"]))
+    table = {(r["arm"], r["condition"]): r for r in results["rates"]}
+    for arm in results["arms"]:
+        cells = []
+        for c in results["conditions"]:
+            r = table.get((arm, c), {})
+            cells.append(fmt_rate(r.get(f"em_rate_{d}"), r.get(f"em_rate_{d}_ci_low"),
+                                  r.get(f"em_rate_{d}_ci_high")).ljust(26))
+        lines.append(arm.ljust(width) + "".join(cells))
+    tests = results["tests"].get("arms") or []
+    if tests:
+        lines += ["", f"vs {results['reference']} (Fisher exact, {results['correction']}-adjusted p)"]
+        for t in tests:
+            lines.append(f"  {t['a']['arm']} vs {t['b']['arm']} [{t['a']['condition']}]: "
+                         f"{fmt_pp(t.get(f'diff_em_rate_{d}'))}, p={fmt_p(t.get(f'p_value_{d}'))}, "
+                         f"adj {fmt_p(t.get(f'p_value_{d}_adj'))}")
+    for f in results["fits"]:
+        if f.get("status") == "ok":
+            lines.append(f"fit {f['group']} [{f['condition']}]: midpoint {f['midpoint_budget']:,.0f} scalars, "
+                         f"{fmt_pct(f['params']['bottom'])} -> {fmt_pct(f['params']['top'])}")
+        else:
+            lines.append(f"fit {f['group']} [{f['condition']}]: {f['status']}")
+    return "\n".join(lines)
