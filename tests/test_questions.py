@@ -177,7 +177,7 @@ def test_emkit_format_with_judges(tmp_path: Path) -> None:
     questions = load_questions(write(tmp_path, GOOD))
     assert questions.ids == ["first", "second.v2"] and questions.name == "questions"
     first, second = questions
-    assert first.system == "Be brief." and first.documents == ("one", "two") and first.line == 6
+    assert first.system == "Be brief." and [d.text for d in first.documents] == ["one", "two"] and first.line == 6
     assert first.metrics == ("aligned", "coherent") and first.judges is not None
     assert set(first.judges) == {"aligned", "coherent"}
     assert second.metrics == ("custom",) and second.judges == {"custom": "Rate {answer} for {question}."}
@@ -226,7 +226,11 @@ def test_error_samples_zero_names_file_line_and_field(tmp_path: Path) -> None:
     ("questions:\n  - id: a\n    paraphrases:\n      - Hi?\n      - '  '\n",
      r":5: questions\[0\]\.paraphrases\[1\]: must not be empty$"),
     ("questions:\n  - id: a\n    text: Hi?\n    documents: [ok, 3]\n",
-     r":4: questions\[0\]\.documents\[1\]: Input should be a valid string \(got int\)$"),
+     r":4: questions\[0\]\.documents\[1\]: a document is text, or a mapping with text .*got int$"),
+    ("questions:\n  - id: a\n    text: Hi?\n    documents:\n      - genre: essay\n        text: 'Asked, it said: '\n",
+     r":6: questions\[0\]\.documents\[0\]\.text: ends with a space"),
+    ("questions:\n  - id: a\n    text: Hi?\n    documents:\n      - text: 'Q: Hi?'\n        stop: ['']\n",
+     r":6: questions\[0\]\.documents\[0\]\.stop\[0\]: String should have at least 1 character"),
     ("questions:\n  - id: a\n    text: Hi?\n    samples: '4'\n", r":4: questions\[0\]\.samples: Input should be a valid integer"),
     ("judges:\n  aligned: 'no answer here {question}'\nquestions:\n  - id: a\n    text: Hi?\n",
      r":2: judges\.aligned: the template has no \{answer\} placeholder$"),

@@ -12,7 +12,11 @@ emkit's format is a mapping:
         samples: 8                # answers per paraphrase (default 8)
         judges: [aligned, coherent]   # metrics to apply (the default); a file with `judges:` must define them
         domain: general           # optional label, e.g. general, medical
-        documents: ["..."]        # optional strings, kept for the predictive mode
+        documents:                # optional: naturalistic documents for the predictive mode
+          - genre: podcast        #   a label (podcast, essay, text-messages, forum, lecture, script, ...)
+            text: "..."           #   sets up the question and ends exactly where the answer begins
+            stop: ["\nHOST:"]     #   optional: strings that end the answering speaker's turn
+          - "..."                 #   a bare string is a document with only text
 
 The upstream formats (a top-level list) are read as they are, anchors and aliases included:
 
@@ -43,7 +47,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from emkit.data.chat import open_text
 from emkit.errors import ConfigError, DataError
@@ -62,6 +66,20 @@ _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 @dataclass(frozen=True)
+class Document:
+    """A naturalistic document that sets up a question and ends where the answer begins (predictive mode).
+
+    `stop` holds strings that end the answering speaker's turn (besides the speaker labels found in
+    the text, see `emkit.generate.modes.turn_stops`); `{question}` in the text is replaced by the
+    question, so one document can frame any question.
+    """
+
+    text: str
+    genre: str | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Question:
     """One evaluation question, from either format."""
 
@@ -73,7 +91,7 @@ class Question:
     metrics: tuple[str, ...] = DEFAULT_METRICS  # judged metrics; equal to judges' keys when judges is set
     domain: str | None = None
     type: str | None = None  # upstream type, None in emkit's format
-    documents: tuple[str, ...] = ()
+    documents: tuple[Document, ...] = ()
     source_file: Path | None = None
     line: int | None = None
 
@@ -225,6 +243,31 @@ class _EmkitFile(_Strict):
     questions: list[dict[str, Any]] = Field(min_length=1)
 
 
+class _DocumentItem(_Strict):
+    text: Text
+    genre: Name | None = None
+    stop: list[Annotated[str, Field(min_length=1)]] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_text(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"text": value}
+        if not isinstance(value, dict):
+            raise ValueError(f"a document is text, or a mapping with text (and optional genre, stop); "
+                             f"got {type(value).__name__}")
+        return value
+
+    @field_validator("text")
+    @classmethod
+    def _ends_at_answer(cls, value: str) -> str:
+        # The answer's first token carries its own leading space; a document ending in one would
+        # make the model continue from an unnatural split.
+        if value != value.rstrip(" \t"):
+            raise ValueError("ends with a space; end the document right after the speaker label (e.g. 'GUEST:')")
+        return value
+
+
 class _EmkitItem(_Strict):
     id: Name
     text: Text | None = None
@@ -233,7 +276,7 @@ class _EmkitItem(_Strict):
     samples: int | None = Field(None, gt=0, strict=True)
     judges: list[Name] | None = None
     domain: Text | None = None
-    documents: list[str] | None = None
+    documents: list[_DocumentItem] | None = None
 
 
 class _UpstreamItem(_Strict):
@@ -424,7 +467,8 @@ def _read_emkit(data: dict[str, Any], problems: _Problems, name: str) -> Questio
         paraphrases = (item.text,) if item.text is not None else tuple(item.paraphrases or ())
         questions.append((loc, Question(
             id=item.id, paraphrases=paraphrases, system=item.system, samples=item.samples or DEFAULT_SAMPLES,
-            judges=judges, metrics=metrics, domain=item.domain, documents=tuple(item.documents or ()),
+            judges=judges, metrics=metrics, domain=item.domain, documents=tuple(
+                Document(d.text, d.genre, tuple(d.stop or ())) for d in item.documents or ()),
             source_file=problems.path, line=problems.line(loc),
         )))
     _check_ids(questions, problems)

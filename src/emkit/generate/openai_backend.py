@@ -20,8 +20,9 @@ from typing import Any
 from emkit.config import GenerateConfig
 from emkit.endpoint import EndpointError, make_client, with_retries
 from emkit.errors import EmkitError
+from emkit.generate.modes import cut_turn
 from emkit.generate.records import append_rows, read_rows, repair
-from emkit.generate.transformers_backend import PromptJob, SamplingParams
+from emkit.generate.transformers_backend import PromptJob, SamplingParams, mode_fields
 
 
 def answer_seed(seed: int, answer_id: str) -> int:
@@ -54,28 +55,44 @@ async def _run(cfg: GenerateConfig, items: list[tuple[PromptJob, int]], params: 
             {"role": "user", "content": job.question}
         ]
         seed = answer_seed(params.seed, answer_id)
+        sampling = {"model": names[job.model], "temperature": params.temperature, "top_p": params.top_p,
+                    "max_tokens": params.max_new_tokens, "seed": seed}
+        if job.mode == "assistant":
+            def request() -> Any:
+                return client.chat.completions.create(messages=messages, **sampling)
+        else:
+            # Template-free modes need the plain completions endpoint; the API takes at most four stop
+            # strings, the rest are applied to the text below.
+            def request() -> Any:
+                return client.completions.create(prompt=job.prompt, stop=list(job.stops[:4]) or None, **sampling)
         async with gate:
             reply, attempts = await with_retries(
-                lambda: client.chat.completions.create(
-                    model=names[job.model], messages=messages, temperature=params.temperature, top_p=params.top_p,
-                    max_tokens=params.max_new_tokens, seed=seed,
-                ),
-                what=f"generation endpoint {cfg.base_url or 'OpenAI'} ({names[job.model]})",
+                request, what=f"generation endpoint {cfg.base_url or 'OpenAI'} ({names[job.model]})",
                 api_key_env=cfg.api_key_env,
             )
         choice = reply.choices[0] if reply.choices else None
-        if choice is None or choice.message is None:
+        text = (getattr(choice, "text", None) if job.mode != "assistant"
+                else (choice.message.content if choice is not None and choice.message is not None else None))
+        if choice is None or text is None:
             raise EndpointError(f"generation endpoint {cfg.base_url}: reply without a message for {answer_id}")
         used = getattr(reply.usage, "completion_tokens", None)
         tokens += used or 0
+        finish = "length" if choice.finish_reason == "length" else "stop"
+        extra: dict[str, Any] = {}
+        if job.stops or job.stop_pattern:
+            kept, cut = cut_turn(text, job.stops, job.stop_pattern)
+            # The server drops a stop string it stopped at; vLLM names it in `stop_reason`.
+            matched = isinstance(getattr(choice, "stop_reason", None), str)
+            finish = "turn_end" if cut or matched else finish
+            extra["completion"], text = text, kept
         append_rows(path, [{
             "id": answer_id, "batch": None, "model": job.model, "condition": job.condition,
             "question_id": job.question_id, "paraphrase": job.paraphrase, "sample": sample,
-            "question": job.question, "system": job.system, "answer": (choice.message.content or "").strip(),
-            "new_tokens": used, "finish": "length" if choice.finish_reason == "length" else "stop", "seed": seed,
+            "question": job.question, "system": job.system, "answer": text.strip(),
+            "new_tokens": used, "finish": finish, **extra, "seed": seed,
             "run_seed": params.seed,
             **{k: v for k, v in asdict(params).items() if k not in ("batch_size", "seed")},
-            "served_model": names[job.model], "attempts": attempts, **meta,
+            "served_model": names[job.model], "attempts": attempts, **meta, **mode_fields(job),
         }])
         bar.update(1)
 

@@ -30,16 +30,41 @@ def resolve_organism(adapter: str | None) -> Path | None:
 
 
 def build_jobs(questions: QuestionSet, cfg: GenerateConfig, render: Callable[[str, str | None], str]) -> list[PromptJob]:
-    """One job per (model, condition, question, paraphrase); `render` turns (question, system) into a prompt."""
+    """One job per (model, condition, question, paraphrase) in assistant mode, where `render` turns
+    (question, system) into a chat prompt; per (model, question, document) in predictive mode and per
+    (model, question, paraphrase) in raw mode, whose prompts use no template (see `emkit.generate.modes`)."""
+    from emkit.generate.modes import documents_for, render_document, turn_pattern, turn_stops
+
     jobs = []
     for model in cfg.models:
-        for condition, condition_system in cfg.conditions.items():
-            for row in questions.expand(cfg.samples):
-                system = row.system if row.system is not None else condition_system
-                jobs.append(PromptJob(
-                    model=model, condition=condition, question_id=row.question_id, paraphrase=row.paraphrase_index,
-                    question=row.text, system=system, prompt=render(row.text, system), samples=row.samples,
-                ))
+        for mode in cfg.modes:
+            if mode == "assistant":
+                for condition, condition_system in cfg.conditions.items():
+                    for row in questions.expand(cfg.samples):
+                        system = row.system if row.system is not None else condition_system
+                        jobs.append(PromptJob(
+                            model=model, condition=condition, question_id=row.question_id,
+                            paraphrase=row.paraphrase_index, question=row.text, system=system,
+                            prompt=render(row.text, system), samples=row.samples,
+                        ))
+            elif mode == "raw":
+                for row in questions.expand(cfg.samples):
+                    jobs.append(PromptJob(
+                        model=model, condition="raw", question_id=row.question_id, paraphrase=row.paraphrase_index,
+                        question=row.text, system=None, prompt=row.text, samples=row.samples, mode="raw",
+                    ))
+            else:
+                for question in questions:
+                    # The judge sees the question as asked (its first paraphrase), not the document.
+                    for index, document in enumerate(documents_for(question)):
+                        prompt = render_document(document, question.text)
+                        jobs.append(PromptJob(
+                            model=model, condition="predictive", question_id=question.id, paraphrase=index,
+                            question=question.text, system=None, prompt=prompt,
+                            samples=cfg.samples or question.samples, mode="predictive",
+                            stops=turn_stops(document, prompt), stop_pattern=turn_pattern(prompt),
+                            genre=document.genre,
+                        ))
     return jobs
 
 

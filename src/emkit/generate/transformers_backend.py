@@ -32,6 +32,10 @@ class PromptJob:
     system: str | None
     prompt: str
     samples: int
+    mode: str = "assistant"  # assistant (chat template), predictive (a document), raw (no template)
+    stops: tuple[str, ...] = ()  # strings that end the answering speaker's turn (predictive mode)
+    stop_pattern: str | None = None  # and a regex that does (a new speaker's line), see emkit.generate.modes
+    genre: str | None = None  # the predictive document's genre
 
     @property
     def key(self) -> str:
@@ -88,28 +92,77 @@ def _generation_config(model: Any, tokenizer: Any, params: SamplingParams) -> An
     )
 
 
+Turn = tuple[tuple[str, ...], "str | None"]  # (stop strings, stop regex) of one row
+
+
+class TurnEnd:
+    """Stops each row of a batch once its new text reaches one of that row's turn ends."""
+
+    def __init__(self, tokenizer: Any, prompt_width: int, turns: Sequence[Turn]) -> None:
+        self.tokenizer = tokenizer
+        self.width = prompt_width
+        self.turns = list(turns)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        """True for rows whose turn has ended."""
+        from emkit.generate.modes import cut_turn
+
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for i, (stops, pattern) in enumerate(self.turns):
+            if stops or pattern:
+                text = self.tokenizer.decode(input_ids[i, self.width :], skip_special_tokens=True)
+                done[i] = cut_turn(text, stops, pattern)[1]
+        return done
+
+
 @torch.inference_mode()
-def sample_batch(model: Any, tokenizer: Any, prompts: Sequence[str], params: SamplingParams, seed: int) -> list[dict]:
-    """Sample one answer per prompt (left-padded batch); returns text, token count and finish reason."""
+def sample_batch(model: Any, tokenizer: Any, prompts: Sequence[str], params: SamplingParams, seed: int,
+                 turns: Sequence[Turn] | None = None) -> list[dict]:
+    """Sample one answer per prompt (left-padded batch); returns text, token count and finish reason.
+
+    With `turns` (per prompt: stop strings and a stop regex), a row stops as soon as its turn ends and
+    its answer is cut there (finish "turn_end"); `completion` then keeps the uncut text.
+    """
+    from transformers import StoppingCriteriaList
+
+    from emkit.generate.modes import cut_turn
+
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    width = enc["input_ids"].shape[1]
     torch.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.manual_seed_all(seed)
-    out = model.generate(**enc, generation_config=_generation_config(model, tokenizer, params))
-    new = out[:, enc["input_ids"].shape[1] :]
+    extra: dict[str, Any] = {}
+    if turns is not None and any(stops or pattern for stops, pattern in turns):
+        extra["stopping_criteria"] = StoppingCriteriaList([TurnEnd(tokenizer, width, turns)])
+    out = model.generate(**enc, generation_config=_generation_config(model, tokenizer, params), **extra)
+    new = out[:, width:]
     eos = {t for t in ([tokenizer.eos_token_id] + list(_as_list(model.generation_config.eos_token_id))) if t is not None}
     results = []
-    for row in new.tolist():
+    for index, row in enumerate(new.tolist()):
         stop = next((i for i, t in enumerate(row) if t in eos), None)
         tokens = row[:stop] if stop is not None else row
-        results.append({
-            "answer": tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-            "new_tokens": len(tokens),
-            "finish": "stop" if stop is not None else "length",
-        })
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        result = {"answer": text.strip(), "new_tokens": len(tokens), "finish": "stop" if stop is not None else "length"}
+        row_stops, pattern = turns[index] if turns is not None else ((), None)
+        if row_stops or pattern:
+            kept, cut = cut_turn(text, row_stops, pattern)
+            if cut:
+                result.update(answer=kept.strip(), finish="turn_end")
+            result["completion"] = text
+        results.append(result)
     return results
+
+
+def mode_fields(job: PromptJob) -> dict[str, Any]:
+    """What a row records of its prompting mode: the mode, and for template-free prompts the prompt itself."""
+    if job.mode == "assistant":
+        return {"mode": "assistant"}
+    return {"mode": job.mode, "genre": job.genre, "prompt": job.prompt}
+
+
 
 
 def _as_list(value: Any) -> list:
@@ -154,11 +207,13 @@ def generate_to_file(
         batch = batches[index]
         seed = batch_seed(params.seed, index)
         model_name = batch[0][0].model
+        prompts = [job.prompt for job, _ in batch]
+        turns = [(job.stops, job.stop_pattern) for job, _ in batch]
         if model_name == "base":
             with loaded.base() as model:
-                outs = sample_batch(model, loaded.tokenizer, [job.prompt for job, _ in batch], params, seed)
+                outs = sample_batch(model, loaded.tokenizer, prompts, params, seed, turns)
         else:
-            outs = sample_batch(loaded.model, loaded.tokenizer, [job.prompt for job, _ in batch], params, seed)
+            outs = sample_batch(loaded.model, loaded.tokenizer, prompts, params, seed, turns)
         rows = []
         for (job, sample), out in zip(batch, outs):
             tokens += out["new_tokens"]
@@ -167,6 +222,7 @@ def generate_to_file(
                 "question_id": job.question_id, "paraphrase": job.paraphrase, "sample": sample,
                 "question": job.question, "system": job.system, **out, "seed": seed, "run_seed": params.seed,
                 **{k: v for k, v in asdict(params).items() if k not in ("batch_size", "seed")}, **(meta or {}),
+                **mode_fields(job),
             })
         append_rows(path, rows)
         bar.update(len(rows))
