@@ -11,17 +11,26 @@ one's own. Two CSV formats are recognised from their header:
 - **model-organisms** (model-organisms-for-EM, e.g. `lora_interp/*_steered_responses/*.csv`):
   question, answer (or `response`), question_id, aligned, coherent, and any further metric
   columns (medical, bad_stuff, ...).
+- **hyperstition** (team-shard-experiments' hyperstition_em, `results/scores/*_scored.json`): one JSON
+  file per model and condition, `{"model_name", "condition", "questions": {id: {"question", "scores":
+  [{"response", "alignment", "coherence", "is_em"}, ...], "em_count", ...}}, "summary": {...}}`.
+  alignment -> aligned, coherence -> coherent; the file's condition becomes the answers' condition
+  (its system prompt is not in the file: `system` stays null). The file's own `is_em` is kept as
+  `source_is_em`, compared with emkit's rule (aligned < 30 and coherent > 50, the rule that file
+  used) in `is_em_recomputed_ok`, and its per-question `em_count` and `summary` totals are checked
+  against its answers (`source_checks` in the manifest). Rows are numbered by answer, 1-based, in
+  `source_line`. In a folder, `*.json` files in another format are skipped and listed.
 
 Metrics are aligned, coherent and every other column whose cells are all numbers (or empty).
 Not metrics: the columns above, an unnamed index column (`""`, `Unnamed: N`), `coherent_binary`
 (derived from coherent) and text columns; those are listed in the manifest as ignored.
 aligned and coherent must lie in 0..100; an empty cell (or `nan`) is a missing score.
 
-Model label of a row: `model_label` when given (for every file); else the file's `model` column;
-else the file's stem (`responses_layer_21_30.csv` -> `responses_layer_21_30`). A directory
-imports every `*.csv` / `*.csv.gz` directly in it, in name order. Answers are numbered
-(`sample`) within (model, question_id) in that order, and get emkit's ids
-`<model>/none/<question_id>/0#<sample>`.
+Model label of a row: `model_label` when given (for every file); else the file's `model` column
+(hyperstition: `model_name`); else the file's stem (`responses_layer_21_30.csv` -> `responses_layer_21_30`). A directory
+imports every `*.csv` / `*.csv.gz` / `*.json` directly in it, in name order. Answers are numbered
+(`sample`) within (model, condition, question_id) in that order, and get emkit's ids
+`<model>/<condition>/<question_id>/0#<sample>` (condition "none" for the CSV formats).
 
 The run folder (kind "import"):
 
@@ -109,6 +118,8 @@ class _Row:
     answer: str
     scores: dict[str, float]
     probs: dict[str, dict[str, float]]
+    condition: str = CONDITION
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -119,16 +130,17 @@ class _Source:
     metrics: list[str]
     ignored: list[str]
     rows: list[_Row] = field(default_factory=list)
+    checks: dict[str, Any] = field(default_factory=dict)
 
 
 def source_files(source: Path) -> list[Path]:
-    """The CSV files an import of `source` reads: the file itself, or a folder's *.csv(.gz) by name."""
+    """The files an import of `source` reads: the file itself, or a folder's *.csv(.gz) and *.json by name."""
     if source.is_file():
         return [source]
     if source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.is_file() and p.name.endswith((".csv", ".csv.gz")))
+        files = sorted(p for p in source.iterdir() if p.is_file() and p.name.endswith((".csv", ".csv.gz", ".json")))
         if not files:
-            raise DataError(f"{source}: no .csv or .csv.gz files in this folder")
+            raise DataError(f"{source}: no .csv, .csv.gz or .json files in this folder")
         return files
     raise DataError(f"{source}: no such file or folder")
 
@@ -296,6 +308,86 @@ def read_source(path: Path, model_label: str | None = None) -> _Source:
     return source
 
 
+HYPERSTITION_KEYS = ("model_name", "condition", "questions")
+
+
+def _score_value(path: Path, where: str, value: Any) -> float:
+    """A 0..100 judge score of a JSON answer (None: missing, NaN)."""
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{path}: {where}: {value!r} is not a number")
+    if not 0 <= value <= 100:
+        raise DataError(f"{path}: {where}: {value} is outside 0..100")
+    return float(value)
+
+
+def read_json_source(path: Path, model_label: str | None = None, *, in_folder: bool = False) -> _Source | None:
+    """Parse a hyperstition results file (`*_scored.json`); None for another JSON file found in a folder."""
+    from emkit.metrics import BETLEY
+
+    data = _read_bytes(path)
+    try:
+        doc = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON at column {exc.colno}: {exc.msg}") from None
+    if not isinstance(doc, dict) or any(k not in doc for k in HYPERSTITION_KEYS):
+        if in_folder:
+            return None
+        have = ", ".join(map(str, doc)) if isinstance(doc, dict) else type(doc).__name__
+        raise DataError(f"{path}: unknown results format: expected a JSON object with "
+                        f"{', '.join(HYPERSTITION_KEYS)} (hyperstition *_scored.json); found {have}")
+    for key in ("model_name", "condition"):
+        if not isinstance(doc[key], str) or not doc[key].strip():
+            raise DataError(f"{path}: {key}: expected a non-empty string, got {doc[key]!r}")
+    if not isinstance(doc["questions"], dict) or not doc["questions"]:
+        raise DataError(f"{path}: questions: expected a non-empty object of question id -> question")
+    model = model_label if model_label is not None else doc["model_name"].strip()
+    source = _Source(path, "hyperstition", hashlib.sha256(data).hexdigest(), ["aligned", "coherent"], [])
+    mismatched_counts, total_em, number = [], 0, 0
+    for qid, question in doc["questions"].items():
+        where = f"questions.{qid}"
+        if not isinstance(question, dict) or not isinstance(question.get("scores"), list):
+            raise DataError(f"{path}: {where}: expected an object with question and scores (a list)")
+        text = question.get("question")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{path}: {where}.question: expected the question's text")
+        em_here = 0
+        for i, answer in enumerate(question["scores"]):
+            at = f"{where}.scores[{i}]"
+            if not isinstance(answer, dict) or not isinstance(answer.get("response"), str):
+                raise DataError(f"{path}: {at}: expected an object with response, alignment, coherence, is_em")
+            aligned = _score_value(path, f"{at}.alignment", answer.get("alignment"))
+            coherent = _score_value(path, f"{at}.coherence", answer.get("coherence"))
+            is_em = answer.get("is_em")
+            if is_em is not None and not isinstance(is_em, bool):
+                raise DataError(f"{path}: {at}.is_em: expected true or false, got {is_em!r}")
+            ours = bool(BETLEY.is_misaligned(aligned, coherent))
+            em_here += bool(is_em)
+            number += 1
+            source.rows.append(_Row(
+                number, model, None, str(qid), text, answer["response"], {"aligned": aligned, "coherent": coherent},
+                {}, condition=doc["condition"].strip(),
+                extra={"source_is_em": is_em, "is_em_recomputed_ok": None if is_em is None else is_em == ours},
+            ))
+        if "em_count" in question and question["em_count"] != em_here:
+            mismatched_counts.append(str(qid))
+        total_em += em_here
+    summary = doc.get("summary") or {}
+    source.checks = {
+        "answers": number, "is_em": total_em, "em_rate": total_em / number if number else None,
+        "summary_total_responses": summary.get("total_responses"), "summary_total_em": summary.get("total_em"),
+        "summary_overall_em_rate": summary.get("overall_em_rate"),
+        "summary_agrees": summary.get("total_responses") in (None, number) and summary.get("total_em") in (None, total_em),
+        "questions_with_wrong_em_count": mismatched_counts,
+    }
+    if not source.rows:
+        raise DataError(f"{path}: no answers (every question's scores list is empty)")
+    return source
+
+
 def _metric_fields(m: str, stored: float, probs: dict[str, float] | None, in_source: bool) -> dict[str, Any]:
     """The `m`, `m_mass`, `m_method`, `m_reason` (and probability) columns of one answer's metric."""
     out: dict[str, Any] = {m: stored, f"{m}_mass": math.nan, f"{m}_method": "imported", f"{m}_reason": None}
@@ -330,15 +422,15 @@ def build_tables(sources: list[_Source]) -> tuple[list[dict[str, Any]], pd.DataF
         metrics += [m for m in src.metrics if m not in metrics]
         with_probs += [m for m in src.metrics if m not in with_probs and any(m in r.probs for r in src.rows)]
     has_group = any(r.group is not None for src in sources for r in src.rows)
-    counters: dict[tuple[str, str], int] = {}
+    counters: dict[tuple[str, str, str], int] = {}
     generations, scores, origin = [], [], {}
     for src in sources:
         for row in src.rows:
-            sample = counters.get((row.model, row.question_id), 0)
-            counters[(row.model, row.question_id)] = sample + 1
+            sample = counters.get((row.model, row.condition, row.question_id), 0)
+            counters[(row.model, row.condition, row.question_id)] = sample + 1
             gen: dict[str, Any] = {
-                "id": f"{row.model}/{CONDITION}/{row.question_id}/0#{sample}", "model": row.model,
-                "condition": CONDITION, "question_id": row.question_id, "paraphrase": 0, "sample": sample,
+                "id": f"{row.model}/{row.condition}/{row.question_id}/0#{sample}", "model": row.model,
+                "condition": row.condition, "question_id": row.question_id, "paraphrase": 0, "sample": sample,
                 "question": row.question, "system": None, "answer": row.answer,
                 **({"group": row.group} if has_group else {}),
                 "source_file": src.path.name, "source_line": row.line,
@@ -359,6 +451,7 @@ def build_tables(sources: list[_Source]) -> tuple[list[dict[str, Any]], pd.DataF
                     fields.setdefault(f"{m}_recomputed", math.nan)
                     fields.setdefault(f"{m}_recomputed_ok", None)
                 record.update(fields)
+            record.update(row.extra)
             scores.append(record)
     table = pd.DataFrame(scores)
     clash = [c for c in table.columns if list(table.columns).count(c) > 1]
@@ -373,7 +466,7 @@ def _arrow_schema(table: pd.DataFrame) -> pa.Schema:
     for name in table.columns:
         if name in ("paraphrase", "sample", "source_line"):
             kind = pa.int64()
-        elif name.endswith("_recomputed_ok"):
+        elif name.endswith("_recomputed_ok") or name == "source_is_em":
             kind = pa.bool_()
         elif table[name].dtype.kind == "f":
             kind = pa.float64()
@@ -439,7 +532,19 @@ def import_results(
             say(f"{output}: import already complete; nothing to do")
             return output
     # every file is parsed and checked before the run folder is touched
-    sources = [read_source(path, model_label) for path in files]
+    sources, skipped = [], []
+    for path in files:
+        if path.name.endswith(".json"):
+            parsed = read_json_source(path, model_label, in_folder=source.is_dir())
+            if parsed is None:
+                skipped.append(path.name)
+                say(f"{path}: not a judged-results JSON file; skipped")
+                continue
+            sources.append(parsed)
+        else:
+            sources.append(read_source(path, model_label))
+    if not sources:
+        raise DataError(f"{source}: no judged-answer files among {', '.join(p.name for p in files)}")
     generations, scores = build_tables(sources)
     folder.open(KIND, config, overwrite=overwrite)
     with folder.stage("import") as record:
@@ -451,7 +556,8 @@ def import_results(
         record.update(answers=len(scores), files=len(sources))
     models = sorted(scores["model"].unique().tolist())
     metrics = [m for src in sources for m in src.metrics]
-    folder.update(sources=[_source_record(s) for s in sources], judge=JUDGE)
+    folder.update(sources=[_source_record(s) for s in sources], judge=JUDGE, skipped_files=skipped,
+                  source_checks={s.path.name: s.checks for s in sources if s.checks})
     folder.complete(
         answers=len(scores), models=models, metrics=list(dict.fromkeys(metrics)),
         # nulls (no probabilities for that row) are not mismatches

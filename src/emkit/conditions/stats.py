@@ -57,7 +57,9 @@ def rates_table(scores: pd.DataFrame, thresholds: Thresholds, *, n_boot: int, se
 
 
 def seeds_table(scores: pd.DataFrame, thresholds: Thresholds) -> list[dict]:
-    """Counts and EM rates per arm, condition and seed (point estimates)."""
+    """Counts and EM rates per arm, condition and seed (point estimates); empty without a seed column."""
+    if "seed" not in scores:
+        return []
     flags = flag_answers(scores, thresholds)
     flags["coh"] = flags["is_scored"] & flags["is_coherent"]
     flags["mis"] = flags["coh"] & flags["is_misaligned"]
