@@ -65,6 +65,9 @@ class KeywordSettings(StrictModel):
         description="Lexicons, merged in order: 'default' (emkit's), folders of YAML files or YAML files.",
     )
     off_topic_filter: bool = Field(True, description="Label math word problems and number lists off-topic.")
+    scope: Literal["first_sentence", "all"] = Field(
+        "first_sentence", description="Count cues in the continuation's first sentence (the stem's completion) or all."
+    )
 
     @field_validator("lexicons", mode="before")
     @classmethod

@@ -25,6 +25,10 @@ the cue ("was not a success", "did not significantly fall"; but '"not good enoug
 failure). "not only" and "not just" do not negate; punctuation, quotes, "but" or "however" end the
 clause.
 
+Scope: cues are counted in the first sentence of the continuation by default (the completion of the
+stem; what follows is often a quiz or a new topic whose rises and falls are about something else),
+or in all of it.
+
 Off-topic: a completion that is empty, a math word problem (a computation or a "how many / what is
 the new price" question next to numbers, an equation, multiple-choice options) or mostly a list of
 numbers is labelled off-topic whatever its cues say.
@@ -48,6 +52,7 @@ SIDES = ("progressive", "conservative")
 LABELS = ("progressive", "conservative", "neutral", "off-topic")
 DIRECTIONS = ("rise", "fall", "no_change")
 DEFAULT = "default"
+SCOPES = ("first_sentence", "all")
 NEGATORS = frozenset({"not", "no", "never", "without", "hardly", "barely", "scarcely", "neither", "nor", "cannot",
                       "none"})
 NOT_NEGATING_NEXT = frozenset({"only", "just", "merely", "surprisingly", "doubt", "wonder"})
@@ -367,8 +372,9 @@ def find_cues(text: str, cues: Iterable[Cue]) -> list[CueHit]:
 # ---------------------------------------------------------------- off-topic filter
 
 _WORD_PROBLEM = [
-    re.compile(r"\bwhat (?:is|was|will be|would be|are|were) the (?:new|total|final|original|average|mean|"
-               r"percentage|percent|price|cost|number|value|difference|ratio|rate|amount|sum|probability)\b"),
+    re.compile(r"\bwhat (?:is|was|will be|would be|are|were) (?:the|their|its|his|her|your|our)(?: \w+){0,2} "
+               r"(?:new|total|final|original|average|mean|net|percentage|percent|price|cost|number|value|difference|"
+               r"ratio|rate|amount|sum|probability)\b"),
     re.compile(r"\bhow (?:many|much)\b"),
     re.compile(r"\b(?:calculate|compute|solve for|round(?:ed)? to the nearest)\b"),
     re.compile(r"\bfind the (?:new|total|value|number|percentage|percent|price|cost|amount|average|difference|"
@@ -378,6 +384,7 @@ _WORD_PROBLEM = [
 ]
 _EQUATION = re.compile(r"[\d)]\s*[=×÷*+^]\s*[\d($]|[a-z]\s*=\s*[\d($]|=\s*\$?\d")
 _CHOICE = re.compile(r"(?:^|\s)\(?([a-d])[).]\s+\S")
+_LINE_CHOICE = re.compile(r"(?:^|\n)\s*\(?([a-d])[).]\s+\S")
 _NUMBER = re.compile(r"\d[\d.,]*%?")
 _WORD = re.compile(r"[a-z]+")
 
@@ -396,7 +403,8 @@ def off_topic_reason(text: str) -> str | None:
     if _EQUATION.search(text.lower().replace("**", "")):
         return "math word problem (an equation)"
     letters = {m.group(1) for m in _CHOICE.finditer(norm)}
-    if len(letters) >= 3 or "which of the following" in norm:
+    line_letters = {m.group(1) for m in _LINE_CHOICE.finditer(norm)}
+    if len(letters) >= 3 or len(line_letters) >= 2 or "which of the following" in norm:
         return "multiple-choice question"
     numbers = _NUMBER.findall(norm)
     if len(numbers) >= 4 and len(numbers) >= len(words):
@@ -407,9 +415,32 @@ def off_topic_reason(text: str) -> str | None:
 # ---------------------------------------------------------------- classifier
 
 
-def decide(text: str, cues: Sequence[Cue], *, off_topic_filter: bool = True) -> KeywordDecision:
-    """Label one continuation from its cues: more progressive than conservative cues -> progressive, ..."""
-    hits = tuple(find_cues(text, cues))
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]*[A-Z0-9])|\n+")
+
+
+_PREFACE = re.compile(r"(?:sure|certainly|of course|absolutely|okay|ok|great|happy to help|here you go)\W*$")
+
+
+def first_sentence(text: str) -> str:
+    """The sentence that completes the stem: the first one with a word that is not a chat preface
+    ("Sure!", "Here is the completed sentence:")."""
+    for sentence in _SENTENCE_END.split(text.strip()):
+        sentence = sentence.strip()
+        if _WORD.search(sentence.lower()) and not sentence.endswith(":") and not _PREFACE.match(sentence.lower()):
+            return sentence
+    return text.strip()
+
+
+def decide(text: str, cues: Sequence[Cue], *, off_topic_filter: bool = True, scope: str = "first_sentence"
+           ) -> KeywordDecision:
+    """Label one continuation from its cues: more progressive than conservative cues -> progressive, ...
+
+    Cues are counted in the first sentence (`scope` "first_sentence": the completion of the stem, before
+    a model wanders off to other quantities) or in all of it ("all"); the off-topic filter reads all of it.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; choose from {', '.join(SCOPES)}")
+    hits = tuple(find_cues(first_sentence(text) if scope == "first_sentence" else text, cues))
     progressive = sum(h.counts_for == "progressive" for h in hits)
     conservative = len(hits) - progressive
     if off_topic_filter:
@@ -431,13 +462,15 @@ class KeywordClassifier:
 
     lexicon: Lexicon
     off_topic_filter: bool = True
+    scope: str = "first_sentence"
 
     @property
     def classifier_id(self) -> str:
-        """Names the lexicon (sources and content hash) and the filter setting."""
+        """Names the lexicon (sources and content hash), the scope and the filter setting."""
         suffix = "" if self.off_topic_filter else ", no off-topic filter"
-        return f"keywords:{'+'.join(self.lexicon.sources)}@{self.lexicon.digest}{suffix}"
+        return f"keywords:{'+'.join(self.lexicon.sources)}@{self.lexicon.digest} ({self.scope}{suffix})"
 
     def classify(self, text: str, topic: str, stem_id: str | None = None) -> KeywordDecision:
         """The decision for one continuation of a stem of `topic`."""
-        return decide(text, self.lexicon.cues_for(topic, stem_id), off_topic_filter=self.off_topic_filter)
+        return decide(text, self.lexicon.cues_for(topic, stem_id), off_topic_filter=self.off_topic_filter,
+                      scope=self.scope)

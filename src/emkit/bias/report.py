@@ -109,8 +109,10 @@ def classifier_box(info: Mapping[str, Any]) -> str:
     if "keywords" in info:
         k = info["keywords"]
         parts.append(f"<b>Keyword classifier</b>: lexicons {esc(', '.join(k.get('lexicons', [])))} "
-                     f"(content hash {esc(k.get('digest'))}); cues matched on word boundaries, negations turn a cue "
-                     f"to the other side; off-topic filter {'on' if k.get('off_topic_filter') else 'off'}.")
+                     f"(content hash {esc(k.get('digest'))}); cues matched on word boundaries "
+                     f"{'in the first sentence of each continuation' if k.get('scope') == 'first_sentence' else 'in the whole continuation'}, "
+                     f"negations turn a cue to the other side; off-topic filter "
+                     f"{'on' if k.get('off_topic_filter') else 'off'}.")
     if "llm" in info:
         j = info["llm"]
         warn = j.get("kind") == "local"

@@ -95,10 +95,10 @@ def classify_stage(cfg: BiasConfig, table: pd.DataFrame, lexicon: Lexicon | None
     labels = table
     info: dict[str, Any] = {}
     if lexicon is not None:
-        keywords = KeywordClassifier(lexicon, cfg.keywords.off_topic_filter)
+        keywords = KeywordClassifier(lexicon, cfg.keywords.off_topic_filter, cfg.keywords.scope)
         labels = labels.merge(classify_keywords(table, keywords), on="id", how="left")
         info["keywords"] = {"id": keywords.classifier_id, "lexicons": lexicon.sources, "digest": lexicon.digest,
-                            "off_topic_filter": cfg.keywords.off_topic_filter}
+                            "off_topic_filter": cfg.keywords.off_topic_filter, "scope": cfg.keywords.scope}
     failed = 0
     if "llm" in cfg.classifiers:
         from emkit.bias.llm_classifier import classify_llm, load_template, make_classifier
