@@ -212,3 +212,17 @@ def test_ablate_weights_cli(tiny_model: Path, organisms, paired_data, tmp_path: 
     assert len(o_proj_b) == 2 and all(np.abs(u @ b).max() < 1e-4 for b in o_proj_b)
     cfg = json.loads((tmp_path / "ablated" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(tiny_model)
+
+
+@pytest.mark.slow
+def test_probe_on_bundled_smollm2_demo_pairs(tmp_path: Path) -> None:
+    """The real model on emkit's paired demo data: held-out AUROC per layer, with both controls."""
+    cfg = ProbeConfig(output=tmp_path / "probe", limit=24, layers="0,15,29", methods=["mean_diff"], n_boot=100,
+                      device="cpu", report=False)
+    result = run_probe(cfg, emit=lambda m: None, progress=False)
+    layers = {r["layer"]: r for r in result["layers"]}
+    assert sorted(layers) == [-1, 0, 15, 29]
+    assert result["n_rows"] == 48 and result["meta"]["model"] == "bundled:smollm2-135m-instruct"
+    # Good and bad advice differ in meaning, not in a marker word: a middle layer separates them.
+    assert layers[15]["auroc"] > 0.6
+    assert result["controls"]["bag_of_words"]["auroc"] is not None

@@ -227,13 +227,19 @@ def find_directions(x_by_layer: Mapping[int, np.ndarray], labels: np.ndarray, gr
                 w = mean_difference(x[train], labels[train])
                 u = w / max(float(np.linalg.norm(w)), 1e-12)
                 s_train, s_test = x[train] @ u, x[test] @ u
+                full = mean_difference(x, labels)
+                s_full = x @ (full / max(float(np.linalg.norm(full)), 1e-12))
                 extra: dict[str, Any] = {"norm": float(np.linalg.norm(w))}
-                vectors[method][layer] = mean_difference(x, labels)
             else:
                 w, b, c = fit_probe(x[train], labels[train], groups[train], seed=seed)
                 s_train, s_test = x[train] @ w + b, x[test] @ w + b
+                full, b_full, _ = fit_probe(x, labels, groups, seed=seed)
+                s_full = x @ full
                 extra = {"C": c}
-                vectors[method][layer] = fit_probe(x, labels, groups, seed=seed)[0]
+            vectors[method][layer] = full
+            # Detection uses the saved (all-rows) vector, so its threshold is set on that vector's scores;
+            # the held-out figures below say how well such a threshold generalises.
+            extra["detect_threshold"] = best_threshold(s_full, labels)
             threshold = best_threshold(s_train, labels[train])
             metrics = held_out_metrics(s_test, labels[test], groups[test], threshold, n_boot=n_boot, seed=seed)
             rows.append({"layer": layer, "method": method, **metrics, **extra, "n_train": int(len(train))})

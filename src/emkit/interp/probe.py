@@ -207,8 +207,8 @@ def run_probe(cfg: ProbeConfig, *, mirror: str | None = None, overwrite: bool = 
     }
     if cfg.control:
         result["control"] = control_analysis(cfg, sets, layers, directions, progress=progress)
-    atomic_write_json(run.path / "probe.json", _jsonable(result))
-    atomic_write_json(run.path / "detection_results.json", _jsonable(detection_table(table)))
+    atomic_write_json(run.path / "probe.json", jsonable(result))
+    atomic_write_json(run.path / "detection_results.json", jsonable(detection_table(table)))
     report_path = None
     if cfg.report:
         from emkit.interp.report import write_probe_report
@@ -280,18 +280,22 @@ def detection_table(table: Any) -> dict[str, Any]:
     """Per layer and method: the threshold calibrated on the training split and its held-out rates."""
     rows = []
     for r in table.to_dict(orient="records"):
-        rows.append({k: r[k] for k in ("layer", "method", "threshold", "auroc", "accuracy", "tpr", "fpr", "n_test")})
-    return {"note": "score = projection on the direction (mean_diff: unit vector; probe: logit); flagged if > threshold",
+        row = {k: r[k] for k in ("layer", "method", "auroc", "accuracy", "tpr", "fpr", "n_test")}
+        rows.append({"threshold": r["detect_threshold"], "held_out_threshold": r["threshold"], **row})
+    return {"note": "score = projection on the saved direction (mean_diff: its unit vector; probe: x . w, no "
+                    "intercept); flagged if > threshold. auroc/accuracy/tpr/fpr: held out, with a threshold set on "
+                    "the training split",
             "layers": rows}
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """`obj` with numpy scalars as Python numbers and non-finite floats as None (strict JSON)."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.generic):
-        return obj.item()
+        obj = obj.item()
     if isinstance(obj, float) and not np.isfinite(obj):
         return None
     return obj

@@ -128,6 +128,13 @@ def write_sweep_report(run_dir: Path) -> Path:
         figs.append((_save_fig(run_dir, "steering_prefs", steering_curves(rows, "prefs_shift",
                                                                           "preference shift vs base (log-odds/token)")),
                      "Judge-free preference shift (out of domain, per token) against strength"))
+    probe_figs = []
+    for name, caption in (("auroc_per_layer", "Probe: held-out AUROC per layer (from probe/)"),
+                          ("separation_per_layer", "Probe: held-out separation per layer"),
+                          ("projection_histogram", "Probe: held-out projections at the best layer")):
+        path = run_dir / "probe" / "figures" / f"{name}.png"
+        if path.is_file():
+            probe_figs.append(_img(path.read_bytes(), caption))
     table = [[r["arm"], r["kind"], str(r.get("layers", "")), _f(r.get("strength"), 2),
               f"{_f(r.get('em_rate'))} {_ci([r.get('em_rate_low'), r.get('em_rate_high')], 3)}",
               _f(r.get("coherent_mean"), 1), _f(r.get("aligned_mean"), 1),
@@ -145,7 +152,9 @@ def write_sweep_report(run_dir: Path) -> Path:
         f'({esc(sweep["method"])}), judge {esc(judge.get("id", "?"))}. Restoration = (EM_organism - EM_steered) / '
         "(EM_organism - EM_base); intervals by bootstrap over answers.</p>",
         vbox,
-        "<h2>Figures</h2>", *[_img(d, c) for d, c in figs],
+        "<h2>Steering</h2>", *[_img(d, c) for d, c in figs],
+        ("<h2>The direction (probe)</h2>" + f'<p class="sub">Best layer {esc(sweep.get("best_layer"))}; '
+         'full probe report: probe/report.html.</p>' + "".join(probe_figs)) if probe_figs else "",
         "<h2>Arms</h2>",
         _table(["arm", "kind", "layers", "strength", "EM rate [95% CI]", "coherent", "aligned", "restoration [95% CI]",
                 "prefs shift", "answers"], table, [False, False, False, True, True, True, True, True, True, True]),

@@ -29,7 +29,7 @@ from pydantic import Field, field_validator
 
 from emkit.config import DEFAULT_MODEL, GenerateConfig, JudgeConfig, StrictModel, TrainConfig
 from emkit.errors import ConfigError, DataError
-from emkit.interp.probe import ProbeConfig
+from emkit.interp.probe import ProbeConfig, jsonable
 
 
 class SweepConfig(StrictModel):
@@ -367,7 +367,7 @@ def run_sweep(cfg: SweepConfig, *, mirror: str | None = None, overwrite: bool = 
     judge_info = json.loads((run.path / "stats.json").read_text(encoding="utf-8")).get("judge")
     sweep = {"mode": cfg.mode, "method": cfg.method, "directions": str(cfg.directions or run.path / "probe"),
              "best_layer": best, "direction_layer": cfg.direction_layer, "judge": judge_info,
-             "validation": validation, "thresholds": thresholds_of(cfg.judge).rule(), "arms": _clean(rows),
+             "validation": validation, "thresholds": thresholds_of(cfg.judge).rule(), "arms": jsonable(rows),
              "prefs_pairs": prefs["n_pairs"] if prefs else None}
     atomic_write_json(run.path / "sweep.json", sweep)
     report_path = None
@@ -381,17 +381,6 @@ def run_sweep(cfg: SweepConfig, *, mirror: str | None = None, overwrite: bool = 
     emit(sweep_summary(sweep))
     return sweep
 
-
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def sweep_summary(sweep: dict[str, Any]) -> str:
