@@ -226,3 +226,16 @@ def test_probe_on_bundled_smollm2_demo_pairs(tmp_path: Path) -> None:
     # Good and bad advice differ in meaning, not in a marker word: a middle layer separates them.
     assert layers[15]["auroc"] > 0.6
     assert result["controls"]["bag_of_words"]["auroc"] is not None
+
+
+def test_cosine_cli_compares_direction_sets(tmp_path: Path) -> None:
+    from emkit.interp.directions import DirectionSet, save_directions
+
+    v = np.arange(1, 5, dtype=np.float32)
+    save_directions(tmp_path / "a.safetensors", DirectionSet({"mean_diff": {0: v, 1: v}}))
+    save_directions(tmp_path / "b.safetensors", DirectionSet({"mean_diff": {1: -2 * v, 2: v}}))
+    proc = run_cli("cosine", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[1].split() == ["1", "-1.000"] and len(proc.stdout.splitlines()) == 2
+    proc = run_cli("cosine", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--method", "probe")
+    assert proc.returncode == 2 and "share no layer" in proc.stderr

@@ -430,6 +430,27 @@ def probe_cmd(
     typer.echo(f"\nreport: {cfg.output / 'report.html'}")
 
 
+@app.command("cosine")
+def cosine_cmd(
+    first: Annotated[Path, typer.Argument(help="directions.safetensors or a probe run folder.")],
+    second: Annotated[Path, typer.Argument(help="Another one (other data, organism or model checkpoint).")],
+    method: Annotated[str, typer.Option(help="mean_diff or probe.")] = "mean_diff",
+) -> None:
+    """Convergence: cosine similarity of two direction sets at every layer both have."""
+    from emkit.interp.directions import convergence, load_directions
+
+    def load(path: Path) -> Any:
+        return load_directions(path / "directions.safetensors" if path.is_dir() else path)
+
+    a, b = load(first), load(second)
+    cos = convergence(a, b, method)
+    if not cos:
+        raise EmkitError(f"{first} and {second} share no layer with a {method} direction")
+    typer.echo(f"{'layer':<8}{'cosine':>8}")
+    for layer, value in cos.items():
+        typer.echo(f"{('embed' if layer == -1 else layer):<8}{value:>8.3f}")
+
+
 @app.command("detect")
 def detect_cmd(
     inputs: Annotated[Path, typer.Argument(help="JSONL: question (or prompt), optional answer, label, id.")],
