@@ -34,21 +34,12 @@ HERE = Path(__file__).resolve().parent
 
 def load(args: argparse.Namespace):
     """The model under test: bundled/hub spec, or a random Llama-3.2-1B-shaped model."""
-    from emkit.models import LoadedModel, load_model, load_tokenizer, resolve_device, resolve_dtype
+    from emkit.models import load_model
 
     if args.random_llama_1b:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from random_llama import LABEL, loaded_random_llama_1b
 
-        device = resolve_device("auto")
-        dtype = resolve_dtype("auto", device)
-        tokenizer = load_tokenizer(args.tokenizer)
-        config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
-                             rope_theta=500000.0, tie_word_embeddings=True, head_dim=64,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
-        return LoadedModel(model, tokenizer, "random-llama-1b", "random", None, device, dtype), "random Llama-3.2-1B-shaped"
+        return loaded_random_llama_1b(args.tokenizer), LABEL
     loaded = load_model(args.model)
     loaded.model.eval()
     return loaded, args.model

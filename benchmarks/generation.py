@@ -115,27 +115,18 @@ def main() -> None:
 
     from emkit.data.questions import resolve_questions
     from emkit.generate.pipeline import chat_renderer
-    from emkit.models import LoadedModel, load_model, load_tokenizer, resolve_device, resolve_dtype
+    from emkit.models import load_model
 
     work = Path(tempfile.mkdtemp(prefix="emkit-genbench-"))
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
     if not args.skip_generation:
         if args.random_llama_1b:
-            from transformers import LlamaConfig, LlamaForCausalLM
+            from random_llama import LABEL, loaded_random_llama_1b
 
             if not args.tokenizer:
                 sys.exit("--random-llama-1b needs --tokenizer DIR")
-            device = resolve_device("auto")
-            dtype = resolve_dtype("auto", device)
-            tokenizer = load_tokenizer(args.tokenizer)
-            config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
-                                 rope_theta=500000.0, tie_word_embeddings=True, head_dim=64,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            torch.manual_seed(0)
-            model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
-            loaded = LoadedModel(model, tokenizer, "random-llama-1b", "random", None, device, dtype)
-            label = "random Llama-3.2-1B-shaped"
+            loaded = loaded_random_llama_1b(args.tokenizer)
+            label = LABEL
         else:
             loaded = load_model(args.model)
             loaded.model.eval()

@@ -144,20 +144,16 @@ def main() -> None:
     dtype = resolve_dtype("auto", device)
     work = Path(tempfile.mkdtemp(prefix="emkit-bench-"))
     if args.random_llama_1b:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from random_llama import LABEL, random_llama_1b
 
         if not args.tokenizer:
             sys.exit("--random-llama-1b needs --tokenizer DIR")
         tokenizer = load_tokenizer(args.tokenizer)
-        config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
-                             rope_theta=500000.0, tie_word_embeddings=True, head_dim=64)
-        torch.manual_seed(0)
         model_dir = work / "llama-1b-random"
-        LlamaForCausalLM(config).to(dtype).save_pretrained(model_dir)
+        random_llama_1b(tokenizer, dtype=dtype).save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
         model_dir = str(model_dir)
-        label = "random Llama-3.2-1B-shaped (16 layers, hidden 2048)"
+        label = LABEL
     else:
         model_dir = weights_source(parse_spec(args.model))
         tokenizer = load_tokenizer(model_dir)
