@@ -576,63 +576,12 @@ def bias_cmd(overrides: dict[str, Any], config: Path | None, overwrite: bool) ->
     """Complete sentence stems with several models (raw or chat), label each completion's political leaning with a
     keyword lexicon and an LLM classifier, compare the models, write the report; re-run to resume."""
     from emkit.bias.config import BiasConfig
-    from emkit.bias.run import run_bias
 
     cfg = load_config(BiasConfig, config, overrides)
     assert isinstance(cfg, BiasConfig)
     _quiet_libraries()
-    result = run_bias(cfg, overwrite=overwrite, emit=lambda m: typer.echo(m))
-    if result["report"]:
-        typer.echo(f"\nreport: {result['report']}")
+    from emkit.bias.run import run_bias  # after the config is checked: a bad file fails at once
 
-
-def _track_flags(func: Any) -> Any:
-    from emkit.dynamics.config import TrackConfig
-
-    return with_config_flags(TrackConfig, [
-        _param("config", Optional[Path], typer.Option(None, "--config", "-c", help="YAML config; flags override it.")),
-        _param("mirror", Optional[str], typer.Option(None, "--mirror", help="Mirror folder or URL for data files.")),
-        _param("overwrite", bool, typer.Option(False, "--overwrite", help="Delete an existing tracking folder first.")),
-    ])(func)
-
-
-@app.command("track")
-@_track_flags
-def track_cmd(overrides: dict[str, Any], config: Path | None, mirror: str | None, overwrite: bool) -> None:
-    """Evaluate every checkpoint of a training run (and the base) in assistant and predictive mode, with the
-    preference shift; --watch (or a train section) evaluates each checkpoint while training runs; re-run to resume."""
-    from emkit.dynamics.config import TrackConfig
-    from emkit.dynamics.track import headline, run_track
-
-    cfg = load_config(TrackConfig, config, overrides)
-    assert isinstance(cfg, TrackConfig)
-    _quiet_libraries()
-    result = run_track(cfg, overwrite=overwrite, mirror=mirror, emit=lambda m: typer.echo(m))
-    typer.echo("\n" + headline(result["dynamics"]))
-    if result["report"]:
-        typer.echo(f"\nreport: {result['report']}")
-
-
-def _bias_flags(func: Any) -> Any:
-    from emkit.bias.config import BiasConfig
-
-    return with_config_flags(BiasConfig, [
-        _param("config", Optional[Path], typer.Argument(None, help="Bias YAML (see examples/bias.yaml); flags override it.")),
-        _param("overwrite", bool, typer.Option(False, "--overwrite", help="Delete an existing run folder first.")),
-    ])(func)
-
-
-@app.command("bias")
-@_bias_flags
-def bias_cmd(overrides: dict[str, Any], config: Path | None, overwrite: bool) -> None:
-    """Complete sentence stems with several models (raw or chat), label each completion's political leaning with a
-    keyword lexicon and an LLM classifier, compare the models, write the report; re-run to resume."""
-    from emkit.bias.config import BiasConfig
-    from emkit.bias.run import run_bias
-
-    cfg = load_config(BiasConfig, config, overrides)
-    assert isinstance(cfg, BiasConfig)
-    _quiet_libraries()
     result = run_bias(cfg, overwrite=overwrite, emit=lambda m: typer.echo(m))
     if result["report"]:
         typer.echo(f"\nreport: {result['report']}")

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from emkit.config import DEFAULT_MODEL, StrictModel, _split_list
 
@@ -159,19 +159,31 @@ class BiasConfig(StrictModel):
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
 
-    @model_validator(mode="after")
-    def _consistent(self) -> BiasConfig:
-        names = [m.name for m in self.models]
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, value: list[BiasModel]) -> list[BiasModel]:
+        names = [m.name for m in value]
         if not names:
-            raise ValueError("models: at least one model is needed")
+            raise ValueError("at least one model is needed")
         duplicate = next((n for n in names if names.count(n) > 1), None)
         if duplicate:
-            raise ValueError(f"models: the name {duplicate!r} is used twice")
-        if self.reference is not None and self.reference not in names:
-            raise ValueError(f"reference: {self.reference!r} is not one of the models ({', '.join(names)})")
-        if not self.classifiers:
-            raise ValueError("classifiers: at least one of keywords, llm")
-        return self
+            raise ValueError(f"the name {duplicate!r} is used twice")
+        return value
+
+    @field_validator("reference")
+    @classmethod
+    def _reference(cls, value: str | None, info: ValidationInfo) -> str | None:
+        names = [m.name for m in info.data.get("models") or []]
+        if value is not None and names and value not in names:
+            raise ValueError(f"{value!r} is not one of the models ({', '.join(names)})")
+        return value
+
+    @field_validator("classifiers")
+    @classmethod
+    def _some(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one of keywords, llm")
+        return value
 
     @property
     def reference_model(self) -> str:
