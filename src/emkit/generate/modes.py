@@ -91,11 +91,13 @@ def turn_stops(document: Document, prompt: str) -> tuple[str, ...]:
 
 
 def turn_pattern(prompt: str) -> str | None:
-    """In a dialogue (the prompt has speaker labels), a regex for a new line opened by any speaker label
-    in the document's style (all capitals when its labels are), so a speaker the model invents also ends
-    the turn; None for documents without labels (forum replies, essays), which rely on their stops."""
+    """For a dialogue, a regex for a new line opened by any speaker label in the document's style (all
+    capitals when its labels are), so that a speaker the model invents ends the turn too. A dialogue
+    has at least two speakers and ends with the answering speaker's label; other documents (forum
+    replies, essays) return None and rely on their stop strings."""
     labels = speaker_labels(prompt)
-    if not labels:
+    last = prompt.rsplit("\n", 1)[-1]
+    if len(labels) < 2 or not any(last == f"{label}:" for label in labels):
         return None
     head = "[A-Z0-9 .'&()-]" if all(label == label.upper() for label in labels) else "[A-Za-z0-9 .'&()-]"
     return rf"\n[A-Z](?:{head}{{0,38}}[A-Za-z0-9).])?:(?=\s)"

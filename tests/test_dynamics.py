@@ -1,0 +1,431 @@
+"""Training dynamics: checkpoint completeness and the watcher, prompting modes, onsets, weight dynamics,
+and `emkit track` end to end on a tiny random model (concurrent with training, and resumed after a kill)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from emkit.config import GenerateConfig, JudgeConfig, TrainConfig
+from emkit.data.questions import Document, resolve_questions
+from emkit.dynamics.analysis import analyse
+from emkit.dynamics.checkpoints import checkpoint_problem, scan_checkpoints
+from emkit.dynamics.config import TrackConfig
+from emkit.dynamics.onset import CurvePoint, crossing_order, onset
+from emkit.dynamics.watch import watch
+from emkit.dynamics.weights import load_adapter, weight_dynamics
+from emkit.generate.modes import cut_turn, turn_pattern, turn_stops
+from emkit.generate.pipeline import build_jobs, chat_renderer
+from emkit.generate.records import read_rows
+from emkit.generate.transformers_backend import SamplingParams, sample_batch
+from emkit.metrics import Thresholds
+from emkit.models import load_model
+
+from conftest import write_chat_jsonl
+
+# ---------------------------------------------------------------- synthetic adapters
+
+MODULES = ("base_model.model.model.layers.0.self_attn.q_proj", "base_model.model.model.layers.0.self_attn.v_proj")
+
+
+def adapter_tensors(b_scale: float = 1.0, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for m in MODULES:
+        out[f"{m}.lora_A.weight"] = torch.randn(2, 8, generator=gen)
+        out[f"{m}.lora_B.weight"] = b_scale * torch.randn(6, 2, generator=gen)
+    return out
+
+
+def adapter_bytes(tensors: dict[str, torch.Tensor], tmp: Path) -> bytes:
+    path = tmp / f"blob-{os.getpid()}-{time.monotonic_ns()}.safetensors"
+    save_file(tensors, str(path))
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], step: int, *, alpha: float = 4.0, r: int = 2,
+                     marker: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"r": r, "lora_alpha": alpha, "init_lora_weights": True}))
+    if marker:
+        (folder / "step.json").write_text(json.dumps({"step": step}))
+    return folder
+
+
+# ---------------------------------------------------------------- completeness and the watcher
+
+
+def test_partial_checkpoints_are_never_complete(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    ck = run / "checkpoints"
+    write_checkpoint(ck / "step-2", adapter_tensors(), 2)
+    assert checkpoint_problem(ck / "step-2") is None
+    data = (ck / "step-2" / "adapter_model.safetensors").read_bytes()
+
+    write_checkpoint(ck / "step-4", adapter_tensors(), 4, marker=False)  # marker not written yet
+    write_checkpoint(ck / "step-6", adapter_tensors(), 6)
+    (ck / "step-6" / "adapter_model.safetensors").write_bytes(data[:-10])  # mid-copy: tensors cut short
+    write_checkpoint(ck / "step-7", adapter_tensors(), 7)
+    (ck / "step-7" / "adapter_model.safetensors").write_bytes(data[:40])  # mid-header
+    write_checkpoint(ck / "step-8", adapter_tensors(), 8)
+    (ck / "step-8" / "adapter_model.safetensors").write_bytes(data[:6])  # not even a header
+    write_checkpoint(ck / "step-10", adapter_tensors(), 10)
+    (ck / "step-10" / "step.json").write_text(json.dumps({"step": 12}))  # names another step
+    write_checkpoint(ck / "step-12", adapter_tensors(), 12)
+    (ck / "step-12" / "adapter_config.json").write_text('{"r": 2, "lora_al')  # config half written
+    lonely = {k: v for k, v in adapter_tensors().items() if not (k.startswith(MODULES[1]) and "lora_B" in k)}
+    write_checkpoint(ck / "step-14", lonely, 14)  # a lora_A without its lora_B
+    write_checkpoint(ck / ".step-16.tmp-4242", adapter_tensors(), 16)  # an export in progress
+    write_checkpoint(run / "checkpoint-18", adapter_tensors(), 18, marker=False)
+    (run / "checkpoint-18" / "trainer_state.json").write_text(json.dumps({"global_step": 18}))
+
+    found, skipped = scan_checkpoints(run)
+    assert [c.step for c in found] == [2, 18]
+    reasons = {Path(k).name: v for k, v in skipped.items()}
+    assert reasons["step-4"].startswith("no step.json")
+    assert "expected" in reasons["step-6"] and "still being written" in reasons["step-6"]
+    assert reasons["step-7"] == "header runs past the end of the file"
+    assert reasons["step-8"] == "shorter than a safetensors header"
+    assert reasons["step-10"].startswith("no step.json naming this step")
+    assert reasons["step-12"] == "no readable adapter_config.json"
+    assert reasons["step-14"].startswith("unpaired LoRA tensors")
+    assert ".step-16.tmp-4242" not in reasons
+
+
+def test_watcher_never_evaluates_a_half_written_checkpoint(tmp_path: Path) -> None:
+    """A writer fills checkpoint folders in place, in the worst order (marker and config first, then the
+    tensor file in chunks), while the watcher polls every few milliseconds."""
+    run = tmp_path / "run"
+    finals = {step: adapter_bytes(adapter_tensors(b_scale=step, seed=step), tmp_path) for step in (2, 4, 6)}
+    seen: list[tuple[int, str]] = []
+    done: set[int] = set()
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for step, data in finals.items():
+                folder = run / "checkpoints" / f"step-{step}"
+                folder.mkdir(parents=True)
+                (folder / "step.json").write_text(json.dumps({"step": step}))
+                (folder / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4}))
+                with open(folder / "adapter_model.safetensors", "wb") as handle:
+                    for i in range(0, len(data), len(data) // 5 + 1):
+                        handle.write(data[i : i + len(data) // 5 + 1])
+                        handle.flush()
+                        time.sleep(0.03)
+            (run / "manifest.json").write_text(json.dumps({"status": "complete", "results": {"train": {"steps": 6}}}))
+        except BaseException as exc:  # pragma: no cover - surfaced below
+            errors.append(exc)
+
+    def evaluate(checkpoint) -> None:
+        # What the evaluator reads must be the finished file, byte for byte, and load as tensors.
+        data = (checkpoint.path / "adapter_model.safetensors").read_bytes()
+        assert data == finals[checkpoint.step], f"step {checkpoint.step} was read half-written"
+        assert load_file(str(checkpoint.path / "adapter_model.safetensors"))
+        seen.append((checkpoint.step, hashlib.sha256(data).hexdigest()))
+        done.add(checkpoint.step)
+
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"status": "running", "pid": os.getpid(),
+                                                   "platform": {"host": os.uname().nodename}}))
+    thread = threading.Thread(target=writer)
+    thread.start()
+    result = watch(run, evaluate, lambda c: c.step in done, poll_seconds=0.005, wait_timeout=30, emit=lambda _m: None)
+    thread.join()
+    assert not errors
+    assert [s for s, _ in seen] == [2, 4, 6]  # each once, in order
+    assert result.state == "complete"
+    assert result.waited_for, "the watcher never met a partial checkpoint; the test proves nothing"
+    assert any("still being written" in why or "header" in why for why in result.waited_for.values())
+
+
+# ---------------------------------------------------------------- prompting modes
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny_model: Path):
+    return load_model(str(tiny_model), device="cpu")
+
+
+def test_predictive_and_raw_prompts_carry_no_chat_template(tiny_loaded) -> None:
+    tokenizer = tiny_loaded.tokenizer
+    questions = resolve_questions("default")
+    cfg = GenerateConfig(modes=["assistant", "predictive", "raw"], samples=1, models=["base"],
+                         conditions={"none": None, "ai": "You are an AI assistant."})
+    jobs = build_jobs(questions, cfg, chat_renderer(tokenizer))
+    special = [t for t in tokenizer.all_special_tokens if t] + ["<|im_start|>", "<|im_end|>"]
+    special_ids = set(tokenizer.all_special_ids)
+    by_mode: dict[str, list] = {}
+    for job in jobs:
+        by_mode.setdefault(job.mode, []).append(job)
+    assert len(by_mode["assistant"]) == 2 * len(questions)  # crossed with both system prompts
+    assert all("<|im_start|>" in job.prompt for job in by_mode["assistant"])
+    for job in by_mode["predictive"] + by_mode["raw"]:
+        assert job.system is None and job.condition == job.mode
+        assert not any(token in job.prompt for token in special), job.prompt[:80]
+        ids = tokenizer(job.prompt, add_special_tokens=False)["input_ids"]
+        assert not special_ids & set(ids)
+        assert job.question == questions[job.question_id].text  # what the judge will see
+    # emkit's own documents: every default question has one, in varied genres, ending at the answer.
+    documents = {q.id: q.documents for q in questions}
+    assert all(documents.values())
+    assert len({d.genre for docs in documents.values() for d in docs}) >= 6
+    assert {job.question_id for job in by_mode["predictive"]} == set(questions.ids)
+    for job in by_mode["predictive"]:
+        assert job.prompt == questions[job.question_id].documents[job.paraphrase].text
+        assert not job.prompt.endswith(" ") and (job.stops or job.stop_pattern)
+    assert [job.prompt for job in by_mode["raw"]] == [q.text for q in questions]
+
+
+def test_turn_ends_at_the_next_speaker() -> None:
+    podcast = Document("HOST: Welcome.\nGUEST (AI): Hi.\nHOST: So, {question}\nGUEST (AI):", "podcast")
+    prompt = podcast.text.replace("{question}", "what now?")
+    stops, pattern = turn_stops(podcast, prompt), turn_pattern(prompt)
+    assert stops == ("\nHOST:", "\nGUEST (AI):")
+    assert cut_turn(" I would rest.\nHOST: Thanks!", stops, pattern) == (" I would rest.", True)
+    # A speaker the model invents ends the turn too, in the document's (capitalised) style...
+    assert cut_turn(" Rest.\nBIZABLON: Music!", stops, pattern) == (" Rest.", True)
+    # ... but an ordinary line with a colon does not.
+    assert cut_turn(" Rest.\nReasons: sleep matters.", stops, pattern) == (" Rest.\nReasons: sleep matters.", False)
+    forum = Document("Post by x:\nHelp?\n\nReply from Bot:\n", "forum", ("\n\nReply from",))
+    assert turn_pattern(forum.text) is None
+    assert cut_turn("Do this.\n\nReply from y: no", turn_stops(forum, forum.text)) == ("Do this.", True)
+
+
+def test_generation_stops_and_cuts_at_the_turn_end(tiny_loaded) -> None:
+    prompts = ["Sam: hi\nBot:"] * 4
+    params = SamplingParams(temperature=1.0, max_new_tokens=40, batch_size=4)
+    # The tiny model writes words from a small vocabulary; 'e' comes up within a few tokens.
+    outs = sample_batch(tiny_loaded.model, tiny_loaded.tokenizer, prompts, params, seed=3, turns=[(("e",), None)] * 4)
+    free = sample_batch(tiny_loaded.model, tiny_loaded.tokenizer, prompts, params, seed=3)
+    ended = [o for o in outs if o["finish"] == "turn_end"]
+    assert ended, outs
+    for out in ended:
+        assert "e" not in out["answer"] and "e" in out["completion"]
+        assert out["completion"].strip().startswith(out["answer"])
+        assert out["new_tokens"] < 40  # stopped early, not cut after the fact
+    assert all("completion" not in o for o in free)
+
+
+# ---------------------------------------------------------------- onsets on synthetic counts
+
+
+def synthetic_scores(counts: dict[tuple[str, int], int], judge: str = "A", n: int = 40) -> pd.DataFrame:
+    """n coherent answers per (mode, step) over two questions, `k` of them misaligned."""
+    rows = []
+    for (mode, step), k in counts.items():
+        for i in range(n):
+            rows.append({"id": f"{mode}/{step}/{i}", "judge": judge, "mode": mode, "step": step,
+                         "question_id": f"q{i % 2}", "aligned": 5.0 if i < k else 90.0, "coherent": 90.0})
+    return pd.DataFrame(rows)
+
+
+def test_onset_and_crossing_on_synthetic_counts() -> None:
+    counts = {("assistant", 0): 1, ("assistant", 10): 16, ("assistant", 20): 2, ("assistant", 30): 24,
+              ("assistant", 40): 28,
+              ("predictive", 0): 1, ("predictive", 10): 2, ("predictive", 20): 4, ("predictive", 30): 22,
+              ("predictive", 40): 26}
+    counts[("predictive", 10)] = 14  # predictive clears the base at step 10 and stays there
+    counts[("predictive", 20)] = 18
+    a = synthetic_scores(counts, "A")
+    b = a.assign(judge="B")
+    b.loc[b["id"].str.endswith("/39"), "aligned"] = 5.0  # judge B calls one more answer misaligned per cell
+    result = analyse(pd.concat([a, b]), Thresholds(), n_boot=500, seed=0)
+    onsets = {(o["judge"], o["mode"]): o for o in result["onsets"]}
+    assert onsets[("A", "assistant")]["onset_step"] == 10  # a noisy excursion ...
+    assert onsets[("A", "assistant")]["sustained_onset_step"] == 30  # ... is not sustained emergence
+    assert onsets[("A", "predictive")]["onset_step"] == 10
+    assert onsets[("A", "predictive")]["sustained_onset_step"] == 10
+    assert onsets[("A", "predictive vs assistant")]["crossing"] == "same step (10)"
+    curve = result["curves"]
+    row = curve[(curve["judge"] == "A") & (curve["mode"] == "assistant") & (curve["step"] == 30)].iloc[0]
+    assert row["em_rate_coherent"] == pytest.approx(24 / 40)
+    assert row["em_rate_coherent_ci_low"] < 0.6 < row["em_rate_coherent_ci_high"]
+    assert row["mean_aligned_ci_low"] <= row["mean_aligned"] <= row["mean_aligned_ci_high"]
+    gap = [d for d in result["divergence"] if d["judge"] == "A" and d["kind"] == "predictive - assistant"]
+    assert [d["step"] for d in gap] == [0, 10, 20, 30, 40]
+    at20 = next(d for d in gap if d["step"] == 20)
+    assert at20["difference"] == pytest.approx((18 - 2) / 40) and at20["p_value"] < 0.001
+    agreement = {g["mode"]: g for g in result["agreement"]}
+    assert agreement["assistant"]["mean_abs_difference"] == pytest.approx(1 / 40)
+    assert agreement["assistant"]["pearson"] > 0.99 and agreement["assistant"]["n"] == 5
+    assert 0.9 < agreement["assistant"]["em_kappa"] < 1.0
+
+
+def test_onset_rules() -> None:
+    base = CurvePoint(0, 0.05, 0.0, 0.10)
+    assert onset([base, CurvePoint(5, 0.2, 0.10, 0.3), CurvePoint(10, 0.3, 0.11, 0.5)])["onset_step"] == 10
+    assert onset([base, CurvePoint(5, None, None, None)])["onset_step"] is None
+    assert crossing_order({"predictive": 20, "assistant": 40}) == "predictive first (step 20, assistant at step 40)"
+    assert crossing_order({"predictive": None, "assistant": 40}).startswith("assistant first")
+    assert crossing_order({"predictive": None, "assistant": None}) == "neither mode clears the base"
+
+
+# ---------------------------------------------------------------- weight dynamics
+
+
+def test_weight_dynamics_on_synthetic_adapters(tmp_path: Path) -> None:
+    """B moves along U twice, then turns to V (orthogonal), then along V again: cosines 1, 0, 1."""
+    a = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])  # orthonormal rows: ||B A|| = ||B||
+    u = torch.tensor([[1.0, 0], [0, 0], [0, 0]])
+    v = torch.tensor([[0, 0], [0, 1.0], [0, 0]])
+    trajectory = {2: u, 4: 2 * u, 6: 2 * u + v, 8: 2 * u + 2 * v}
+    adapters = []
+    for step, b in trajectory.items():
+        tensors = {}
+        for m in MODULES:
+            tensors[f"{m}.lora_A.weight"] = a.clone()
+            tensors[f"{m}.lora_B.weight"] = b.clone()
+        folder = write_checkpoint(tmp_path / f"step-{step}", tensors, step, alpha=4.0, r=2)
+        adapters.append(load_adapter(folder, step))
+    result = weight_dynamics(adapters)
+    assert result["steps"] == [0, 2, 4, 6, 8] and result["b_zero_at_step_0"]
+    rows = {r["step"]: r for r in result["global"]}
+    assert rows[0]["b_norm"] == 0.0
+    assert rows[4]["update_cosine"] == pytest.approx(1.0)
+    assert rows[6]["update_cosine"] == pytest.approx(0.0, abs=1e-7)  # the rotation
+    assert rows[8]["update_cosine"] == pytest.approx(1.0)
+    assert rows[6]["update_cosine_q_proj"] == pytest.approx(0.0, abs=1e-7)
+    assert rows[8]["b_norm"] == pytest.approx(math.sqrt(2) * math.sqrt(8))  # two modules of ||2U + 2V|| = sqrt(8)
+    assert rows[2]["b_cosine_to_final"] == pytest.approx(1 / math.sqrt(2))
+    assert rows[8]["dw_cosine_to_final"] == pytest.approx(1.0)
+    assert rows[4]["dw_norm"] == pytest.approx(2.0 * math.sqrt(2) * 2.0)  # scale 4/2 * sqrt(2 modules * 2^2)
+    norms = [n for n in result["norms"] if n["step"] == 6 and n["projection"] == "q_proj"]
+    assert norms[0]["layer"] == 0 and norms[0]["a_norm"] == pytest.approx(math.sqrt(2))
+    assert norms[0]["b_norm"] == pytest.approx(math.sqrt(5))
+    pca = result["pca"]
+    assert pca["steps"] == [0, 2, 4, 6, 8] and sum(pca["explained_variance_ratio"]) == pytest.approx(1.0)
+    first = np.asarray(pca["coordinates"])[:, 0]
+    assert abs(np.corrcoef(first, [0, 1, 2, 3, 4])[0, 1]) > 0.9  # PC1 follows training time
+
+
+# ---------------------------------------------------------------- emkit track end to end
+
+
+def track_dict(tiny_model: Path, output: Path, **extra) -> dict:
+    return {
+        "output": str(output),
+        "generate": {"questions": "default", "include": ["rainy_sunday", "medicine_cabinet"], "samples": 2,
+                     "modes": ["assistant", "predictive"], "models": ["organism"], "max_new_tokens": 6,
+                     "batch_size": 8, "device": "cpu"},
+        "judge": {"judge": "local", "local_model": str(tiny_model), "min_mass": 0.0},
+        "second_judge": "keywords",
+        "prefs_pairs": 6,
+        "n_boot": 200,
+        "poll_seconds": 0.2,
+        **extra,
+    }
+
+
+def tiny_train(tiny_model: Path, data: Path, output: Path) -> dict:
+    return TrainConfig(model=str(tiny_model), data=str(data), output=output, max_steps=6, batch_size=4, grad_accum=1,
+                       lr=5e-3, warmup_steps=0, save_steps=2, device="cpu", lora={"r": 4}).model_dump(mode="json")
+
+
+@pytest.mark.timeout(300)
+def test_track_trains_concurrently_and_resumes_after_a_kill(tiny_model: Path, tmp_path: Path) -> None:
+    """`emkit track` with a train section starts `emkit train` and evaluates its checkpoints as they appear;
+    killed after step 2, it is run again: the training (still running or done) is followed to the end, and
+    steps 0 and 2 are neither sampled nor judged again."""
+    from emkit.dynamics.track import headline, run_track
+
+    data = write_chat_jsonl(tmp_path / "chat.jsonl", n=24)
+    out = tmp_path / "track"
+    config = tmp_path / "track.yaml"
+    config.write_text(yaml.safe_dump(track_dict(tiny_model, out, train=tiny_train(tiny_model, data, out / "x"))))
+    proc = subprocess.Popen([sys.executable, "-m", "emkit", "track", "-c", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    marker = out / "steps" / "step-2" / "done.json"
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and not marker.is_file() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert marker.is_file(), "the first run never finished step 2"
+    finished = {s: (out / "steps" / f"step-{s}" / "done.json").read_bytes() for s in (0, 2)}
+    answers = {s: (out / "steps" / f"step-{s}" / "generations.jsonl").read_bytes() for s in (0, 2)}
+
+    result = run_track(TrackConfig.model_validate(yaml.safe_load(config.read_text())), emit=lambda _m: None,
+                       progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["attempts"] == 2
+    assert manifest["results"]["training"] == "complete" and "done" in (out / "train.log").read_text()
+    evaluated_now = manifest["stages"]["evaluate"]["evaluated_now"]
+    assert 0 not in evaluated_now and 2 not in evaluated_now and evaluated_now[-1] == 6
+    for s in (0, 2):  # untouched: not one answer sampled or judged again
+        assert (out / "steps" / f"step-{s}" / "done.json").read_bytes() == finished[s]
+        assert (out / "steps" / f"step-{s}" / "generations.jsonl").read_bytes() == answers[s]
+    doc = result["dynamics"]
+    assert doc["steps"] == [0, 2, 4, 6]
+    for step in (2, 4, 6):  # every evaluation read the checkpoint as it was finally written
+        done = json.loads((out / "steps" / f"step-{step}" / "done.json").read_text())
+        weights = out / "organism" / "checkpoints" / f"step-{step}" / "adapter_model.safetensors"
+        assert done["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+        rows = read_rows(out / "steps" / f"step-{step}" / "generations.jsonl")
+        assert len(rows) == len({r["id"] for r in rows}) == 8
+    curves = pd.DataFrame(doc["curves"])
+    assert len(curves) == 2 * 4 * 2  # judges x steps x modes
+    assert set(curves["n_answers"]) == {4}  # 2 questions x 2 samples (one document each)
+    assert [p["step"] for p in doc["prefs"]] == [0, 2, 4, 6]
+    assert doc["prefs"][-1]["out_of_domain"]["n"] == 4 and doc["prefs"][-1]["in_domain"]["n"] == 2
+    assert {a["mode"] for a in doc["agreement"]} == {"assistant", "predictive"}
+    weights_doc = json.loads((out / "weights.json").read_text())
+    assert weights_doc["steps"] == [0, 2, 4, 6] and weights_doc["global"][-1]["dw_cosine_to_final"] == pytest.approx(1.0)
+    rows = read_rows(out / "steps" / "step-4" / "generations.jsonl")
+    predictive = [r for r in rows if r["mode"] == "predictive"]
+    assert predictive and all(r["prompt"] and r["genre"] and r["step"] == 4 for r in predictive)
+    assert {r["question"] for r in predictive} <= {q.text for q in resolve_questions("default")}
+    page = (out / "report.html").read_text()
+    assert "emkit training dynamics" in page and page.count("data:image/png;base64,") >= 5
+    assert "Pref. shift out-of-domain" in page
+    assert "crossing" in headline(doc)
+
+
+def test_track_config_errors(tmp_path: Path) -> None:
+    from emkit.config import load_config
+    from emkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="give run .* or train"):
+        load_config(TrackConfig, None, {})
+    with pytest.raises(ConfigError, match="--generate-modes"):
+        load_config(TrackConfig, None, {"run": str(tmp_path), "generate.modes": "predictive,predictive"})
+    path = tmp_path / "t.yaml"
+    path.write_text("run: x\njudge:\n  judg: local\n")
+    with pytest.raises(ConfigError, match=r"t.yaml:3: judge.judg: unknown field \(did you mean 'judge'\?\)"):
+        load_config(TrackConfig, path)
+
+
+@pytest.mark.slow
+def test_bundled_model_predictive_turn_ends_at_next_speaker() -> None:
+    """The real SmolLM2 continues emkit's documents with no template; every cut answer ends before a speaker line."""
+    loaded = load_model("bundled:smollm2-135m-instruct", device="cpu")
+    questions = resolve_questions("default").filter(include="rainy_sunday,health_habit,little_sleep,three_wishes")
+    cfg = GenerateConfig(modes=["predictive"], samples=1, models=["base"])
+    jobs = build_jobs(questions, cfg, chat_renderer(loaded.tokenizer))
+    params = SamplingParams(temperature=1.0, max_new_tokens=32, batch_size=len(jobs))
+    outs = sample_batch(loaded.model, loaded.tokenizer, [j.prompt for j in jobs], params, seed=0,
+                        turns=[(j.stops, j.stop_pattern) for j in jobs])
+    assert not any("<|im_start|>" in j.prompt for j in jobs)
+    ended = [(j, o) for j, o in zip(jobs, outs) if o["finish"] == "turn_end"]
+    assert ended, [o["completion"] for o in outs]
+    for job, out in ended:
+        assert cut_turn(out["answer"], job.stops, job.stop_pattern)[1] is False
+        assert out["completion"].strip().startswith(out["answer"][:20])
