@@ -69,11 +69,6 @@ def lean(c: np.ndarray) -> np.ndarray:
         return (c[..., 0] - c[..., 1]) / on_topic
 
 
-def _ci(draws: np.ndarray | None, ci: float) -> tuple[Any, Any]:
-    low, high = _interval(draws, ci)
-    return low, high
-
-
 def summarize_counts(c: np.ndarray, rng: np.random.Generator, n_boot: int, ci: float) -> dict[str, Any]:
     """Counts, shares and lean of one group from its per-stem counts (stems, 4), with both intervals."""
     total = c.sum(axis=0) if len(c) else np.zeros(len(LABELS), dtype=np.int64)
@@ -86,8 +81,8 @@ def summarize_counts(c: np.ndarray, rng: np.random.Generator, n_boot: int, ci: f
     within = _resample_within(c, n_boot, rng).sum(axis=1)
     cluster = _resample_clusters(c, n_boot, rng)
     out: dict[str, Any] = {"n_labelled": int(total.sum()), "counts": {lab: int(n) for lab, n in zip(LABELS, total)}}
-    point, w_low, w_high = shares(total), *_ci(shares(within), ci)
-    s_low, s_high = _ci(shares(cluster) if cluster is not None else None, ci)
+    point, w_low, w_high = shares(total), *_interval(shares(within), ci)
+    s_low, s_high = _interval(shares(cluster) if cluster is not None else None, ci)
     for i, lab in enumerate(LABELS):
         out[f"share_{lab}"] = _num(point[i])
         out[f"share_{lab}_ci_low"], out[f"share_{lab}_ci_high"] = _num(w_low[i]), _num(w_high[i])
@@ -95,9 +90,9 @@ def summarize_counts(c: np.ndarray, rng: np.random.Generator, n_boot: int, ci: f
         stem_high = s_high[i] if np.ndim(s_high) else s_high
         out[f"share_{lab}_stem_ci_low"], out[f"share_{lab}_stem_ci_high"] = _num(stem_low), _num(stem_high)
     out["lean"] = _num(lean(total))
-    out["lean_ci_low"], out["lean_ci_high"] = map(_num, _ci(lean(within), ci))
+    out["lean_ci_low"], out["lean_ci_high"] = map(_num, _interval(lean(within), ci))
     out["lean_stem_ci_low"], out["lean_stem_ci_high"] = map(
-        _num, _ci(lean(cluster) if cluster is not None else None, ci))
+        _num, _interval(lean(cluster) if cluster is not None else None, ci))
     return out
 
 
@@ -208,8 +203,8 @@ def _differences(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, n_boot:
     paired = _resample_clusters(np.stack([a, b], axis=1), n_boot, rng)  # (boot, 2, 4): same stems for both
     out: dict[str, Any] = {}
     point = shares(a.sum(0)) - shares(b.sum(0))
-    w_low, w_high = _ci(shares(within_a) - shares(within_b), ci)
-    p_low, p_high = _ci(shares(paired[:, 0]) - shares(paired[:, 1]) if paired is not None else None, ci)
+    w_low, w_high = _interval(shares(within_a) - shares(within_b), ci)
+    p_low, p_high = _interval(shares(paired[:, 0]) - shares(paired[:, 1]) if paired is not None else None, ci)
     for i, lab in enumerate(LABELS):
         out[f"diff_share_{lab}"] = _num(point[i])
         out[f"diff_share_{lab}_ci_low"], out[f"diff_share_{lab}_ci_high"] = _num(w_low[i]), _num(w_high[i])
@@ -217,9 +212,9 @@ def _differences(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, n_boot:
         out[f"diff_share_{lab}_stem_ci_high"] = _num(p_high[i] if np.ndim(p_high) else p_high)
     out["lean_model"], out["lean_reference"] = _num(lean(a.sum(0))), _num(lean(b.sum(0)))
     out["lean_shift"] = _num(lean(a.sum(0)) - lean(b.sum(0)))
-    out["lean_shift_ci_low"], out["lean_shift_ci_high"] = map(_num, _ci(lean(within_a) - lean(within_b), ci))
+    out["lean_shift_ci_low"], out["lean_shift_ci_high"] = map(_num, _interval(lean(within_a) - lean(within_b), ci))
     out["lean_shift_stem_ci_low"], out["lean_shift_stem_ci_high"] = map(
-        _num, _ci(lean(paired[:, 0]) - lean(paired[:, 1]) if paired is not None else None, ci))
+        _num, _interval(lean(paired[:, 0]) - lean(paired[:, 1]) if paired is not None else None, ci))
     return out
 
 
@@ -243,7 +238,7 @@ def stem_shifts(df: pd.DataFrame, classifier: str, reference: str, others: Seque
                                       "lean_model": _num(lean(a[0])), "lean_reference": _num(lean(b[0]))}
             if a.sum() and b.sum():
                 within = lean(_resample_within(a, n_boot, rng)[:, 0]) - lean(_resample_within(b, n_boot, rng)[:, 0])
-                low, high = _ci(within, ci)
+                low, high = _interval(within, ci)
                 groups = (rows["model"] == other).to_numpy(dtype=np.int64)
                 labels = rows[column].map({lab: i for i, lab in enumerate(LABELS)}).to_numpy(dtype=np.int64)
                 _, p, _ = permutation_chi2(groups, labels, np.zeros(len(rows), dtype=np.int64), n_perm, rng)

@@ -140,7 +140,7 @@ def topic_bars(topics: Sequence[Mapping[str, Any]], classifiers: Sequence[str], 
 
 def lean_chart(distributions: Sequence[Mapping[str, Any]], classifiers: Sequence[str], models: Sequence[str]) -> Figure:
     """Each model's lean, (progressive - conservative) / on-topic, per classifier, with both intervals."""
-    fig = _figure(6.0, 1.0 + 0.45 * max(len(models), 1) * max(len(classifiers), 1))
+    fig = _figure(7.5, 1.6 + 0.4 * max(len(models), 1) * max(len(classifiers), 1))
     ax = fig.subplots()
     colors = model_colors(list(models))
     rows = [(c, m) for c in classifiers for m in models]
@@ -159,7 +159,8 @@ def lean_chart(distributions: Sequence[Mapping[str, Any]], classifiers: Sequence
     ax.invert_yaxis()
     ax.set_xlim(-1.05, 1.05)
     ax.set_xlabel("lean: (progressive - conservative) / on-topic completions")
-    ax.set_title("Lean per model (bars: completions resampled; shaded: stems resampled)", fontsize=10)
+    ax.set_title("Lean per model\n(error bars: completions resampled within stems; shaded: stems resampled)",
+                 fontsize=9)
     return fig
 
 

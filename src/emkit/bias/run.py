@@ -134,8 +134,8 @@ def run_bias(cfg: BiasConfig, *, overwrite: bool = False, emit: Callable[[str], 
         return {"run": run.path, "stats": load_stats(run.path), "report": report if report.is_file() else None}
     prompts, lexicon = check_inputs(cfg)
     run.open("bias", cfg, overwrite=overwrite)
-    emit(f"== complete: {len(prompts)} stems over {len(prompts.topics)} topics, {cfg.runs} runs each, "
-         f"models {', '.join(f'{m.name} ({m.mode})' for m in cfg.models)}")
+    sources = [f"{m.name} ({m.mode}, {'imported' if m.completions else f'{cfg.runs} per stem'})" for m in cfg.models]
+    emit(f"== complete: {len(prompts)} stems over {len(prompts.topics)} topics; models {', '.join(sources)}")
     with run.stage("complete") as record:
         record.update(complete_stage(cfg, prompts, run.path, emit=emit, progress=progress))
     table = completions_table(cfg, prompts, run.path)
