@@ -7,6 +7,7 @@ skips the batches already in `generations.jsonl`) produces exactly the rows of a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -163,6 +164,13 @@ def mode_fields(job: PromptJob) -> dict[str, Any]:
     return {"mode": job.mode, "genre": job.genre, "prompt": job.prompt}
 
 
+def default_model_context(loaded: Any) -> Callable[[str], Any]:
+    """'base' answers with the adapter disabled, every other name with the model as loaded."""
+
+    def context(name: str) -> Any:
+        return loaded.base() if name == "base" else contextlib.nullcontext(loaded.model)
+
+    return context
 
 
 def _as_list(value: Any) -> list:
@@ -180,8 +188,13 @@ def generate_to_file(
     meta: dict[str, Any] | None = None,
     progress: bool = True,
     emit: Callable[[str], None] = print,
+    model_context: Callable[[str], Any] | None = None,
 ) -> dict[str, Any]:
-    """Sample every job into `path`, skipping batches already there; returns counts and throughput."""
+    """Sample every job into `path`, skipping batches already there; returns counts and throughput.
+
+    `model_context(name)` gives a context manager yielding the model that answers as `name` (e.g. a
+    steered organism); by default 'base' is the adapter-disabled model and anything else the model as loaded.
+    """
     from tqdm import tqdm
 
     batches = plan_batches(jobs, loaded.tokenizer, params.batch_size)
@@ -209,11 +222,8 @@ def generate_to_file(
         model_name = batch[0][0].model
         prompts = [job.prompt for job, _ in batch]
         turns = [(job.stops, job.stop_pattern) for job, _ in batch]
-        if model_name == "base":
-            with loaded.base() as model:
-                outs = sample_batch(model, loaded.tokenizer, prompts, params, seed, turns)
-        else:
-            outs = sample_batch(loaded.model, loaded.tokenizer, prompts, params, seed, turns)
+        with (model_context or default_model_context(loaded))(model_name) as model:
+            outs = sample_batch(model, loaded.tokenizer, prompts, params, seed, turns)
         rows = []
         for (job, sample), out in zip(batch, outs):
             tokens += out["new_tokens"]
