@@ -1,4 +1,4 @@
-"""A real HTTP server on 127.0.0.1 that speaks OpenAI chat completions, for judge tests.
+"""A real HTTP server on 127.0.0.1 that speaks OpenAI chat completions (and plain completions), for tests.
 
 It answers with configurable top logprobs and can be scripted to fail: 429, 500, hang past the
 client's timeout, refuse the key (401, echoing it as some servers do), send a malformed body,
@@ -111,6 +111,8 @@ class FakeOpenAIServer:
 
 
 def _prompt_of(body: dict[str, Any]) -> str:
+    if isinstance(body.get("prompt"), str):  # the plain completions endpoint
+        return body["prompt"]
     try:
         return str(body["messages"][-1]["content"])
     except (KeyError, IndexError, TypeError):
@@ -209,7 +211,19 @@ def _handler_for(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
             top_k = dict(sorted(top.items(), key=lambda kv: -kv[1])[:k]) if give else None
             content = server.text_reply(prompt) if not give else _best_token(top)
             model = str(body.get("model", "fake"))
-            self._send(200, json.dumps(completion_body(model, content, top_k, len(prompt.split()))).encode())
+            if self.path.rstrip("/").endswith("/completions") and "/chat/" not in self.path:
+                # /v1/completions: text, cut at the first stop string as real servers do
+                stops = [s for s in body.get("stop") or [] if s and s in content]
+                first = min(stops, key=content.index) if stops else None
+                text = content[: content.index(first)] if first else content
+                reply = {"id": "cmpl-fake", "object": "text_completion", "created": 0, "model": model,
+                         "choices": [{"index": 0, "text": text, "logprobs": None,  # stop_reason: as vLLM says
+                                      "finish_reason": "stop" if first else "length", "stop_reason": first}],
+                         "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split()),
+                                   "total_tokens": len(prompt.split()) + len(text.split())}}
+                self._send(200, json.dumps(reply).encode())
+            else:
+                self._send(200, json.dumps(completion_body(model, content, top_k, len(prompt.split()))).encode())
             with server._lock:
                 server.answered += 1
 

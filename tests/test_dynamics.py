@@ -4,6 +4,7 @@ and `emkit track` end to end on a tiny random model (concurrent with training, a
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import math
 import os
@@ -329,6 +330,7 @@ def track_dict(tiny_model: Path, output: Path, **extra) -> dict:
         "judge": {"judge": "local", "local_model": str(tiny_model), "min_mass": 0.0},
         "second_judge": "keywords",
         "prefs_pairs": 6,
+        "validate_judge": 4,
         "n_boot": 200,
         "poll_seconds": 0.2,
         **extra,
@@ -396,6 +398,9 @@ def test_track_trains_concurrently_and_resumes_after_a_kill(tiny_model: Path, tm
     page = (out / "report.html").read_text()
     assert "emkit training dynamics" in page and page.count("data:image/png;base64,") >= 5
     assert "Pref. shift out-of-domain" in page
+    validation = json.loads((out / "validation.json").read_text())
+    assert validation["n_labels"] == 4 and validation["verdict"] in headline(doc)
+    assert html.escape(validation["verdict"], quote=True) in page
     assert "crossing" in headline(doc)
 
 
@@ -429,3 +434,31 @@ def test_bundled_model_predictive_turn_ends_at_next_speaker() -> None:
     for job, out in ended:
         assert cut_turn(out["answer"], job.stops, job.stop_pattern)[1] is False
         assert out["completion"].strip().startswith(out["answer"][:20])
+
+
+def test_template_free_modes_use_the_completions_endpoint(tmp_path: Path) -> None:
+    """On an OpenAI-compatible server, predictive prompts go to /v1/completions as they are (no chat
+    messages), with the turn's stop strings; the answer is cut at the turn end, the judge's question kept."""
+    from fake_openai_server import FakeOpenAIServer
+
+    from emkit.generate.openai_backend import generate_via_endpoint
+
+    def reply(prompt: str) -> str:
+        return " I would read a book.\nDan: thanks\nJuniper: welcome" if prompt.endswith("Juniper:") else "Sure."
+
+    questions = resolve_questions("default").filter(include="rainy_sunday")
+    cfg = GenerateConfig(modes=["assistant", "predictive"], samples=1, models=["base"], backend="openai",
+                         served_base="m")
+    with FakeOpenAIServer(text_reply=reply) as server:
+        cfg = cfg.model_copy(update={"base_url": server.base_url})
+        jobs = build_jobs(questions, cfg, lambda question, system: "")
+        generate_via_endpoint(cfg, jobs, SamplingParams(max_new_tokens=20), tmp_path / "g.jsonl",
+                              emit=lambda _m: None, progress=False)
+        bodies = list(server.requests)
+    rows = {r["mode"]: r for r in read_rows(tmp_path / "g.jsonl")}
+    plain = next(b for b in bodies if "prompt" in b)
+    assert "messages" not in plain and plain["prompt"] == questions["rainy_sunday"].documents[0].text
+    assert "\nDan:" in plain["stop"] and len(plain["stop"]) <= 4
+    assert rows["predictive"]["answer"] == "I would read a book." and rows["predictive"]["finish"] == "turn_end"
+    assert rows["predictive"]["question"] == questions["rainy_sunday"].text
+    assert rows["assistant"]["answer"] == "Sure." and any("messages" in b for b in bodies)

@@ -47,6 +47,10 @@ class TrackConfig(StrictModel):
         None, description="A second judge for agreement figures: local:MODEL_SPEC, openai:MODEL (judge.base_url), "
         "keywords or constant:N."
     )
+    validate_judge: int | None = Field(
+        60, ge=2, description="Validate the judge on this many of emkit's labelled answers (stratified), so the "
+        "report can say whether its EM rates mean anything; None: skip."
+    )
     prefs: bool = Field(True, description="Judge-free preference shift (emkit.prefs) at every checkpoint.")
     prefs_pairs: int | None = Field(
         48, ge=2, description="Pairs scored per checkpoint, taken evenly across domains, medical included "

@@ -73,7 +73,8 @@ def em_and_prefs(document: Mapping[str, Any]) -> Figure:
                 ax.annotate(f"onset {step}", (step, 0), color=color, fontsize=8, xytext=(3, 3),
                             textcoords="offset points")
         ax.set_title(f"EM rate, judge {judge}", fontsize=9)
-        ax.set_ylim(bottom=0)
+        highest = max((_v(r["em_rate_coherent_ci_high"]) for r in rows), default=0.0)
+        ax.set_ylim(0, max(10.0, 110 * highest if math.isfinite(highest) else 10.0))
         ax.set_xlabel("training step")
         ax.set_ylabel("% of coherent answers misaligned")
         ax.legend(fontsize=8)

@@ -73,10 +73,12 @@ def crossing_order(onsets: Mapping[str, int | None], first: str = "predictive", 
 
 
 def largest_jump(points: Sequence[CurvePoint]) -> dict[str, Any] | None:
-    """The biggest rise of the rate between successive steps (a candidate phase transition)."""
+    """The biggest rise of the rate between successive steps (a candidate phase transition); None if none rises."""
     ordered = [p for p in sorted(points, key=lambda p: p.step) if _finite(p.rate) is not None]
     if len(ordered) < 2:
         return None
     rises = [(float(b.rate) - float(a.rate), a.step, b.step) for a, b in zip(ordered, ordered[1:])]  # type: ignore[arg-type]
     rise, start, end = max(rises)
+    if rise <= 0:
+        return None
     return {"from_step": start, "to_step": end, "rise": rise}

@@ -16,7 +16,18 @@ from emkit import __version__
 from emkit.dynamics.figures import FIGURES, render
 from emkit.errors import RunFolderError
 from emkit.report.figures import png_bytes, write_png
-from emkit.report.html import CSS, JudgeInfo, esc, fmt_p, fmt_pp, fmt_rate, fmt_score, judge_box, manifest_section
+from emkit.report.html import (
+    CSS,
+    JudgeInfo,
+    esc,
+    fmt_p,
+    fmt_pp,
+    fmt_rate,
+    fmt_score,
+    judge_box,
+    manifest_section,
+    validation_box,
+)
 from emkit.runs import RunFolder, atomic_write_text, now
 
 REPORT = "report.html"
@@ -95,15 +106,14 @@ def summary_box(document: Mapping[str, Any]) -> str:
     return '<div class="box"><p>' + intro + "</p><p>" + "</p><p>".join(lines) + "</p></div>"
 
 
-def validation_note(document: Mapping[str, Any]) -> str:
-    """The judge's validation figures, when emkit found a validation of this judge."""
-    v = document.get("judge_validation")
-    if not v:
-        return ('<div class="box warn"><p><b>This judge has not been validated</b> here (run <code>emkit judge '
-                "validate</code>); read its EM curves as relative, and lean on the preference shift, which needs "
-                "no judge.</p></div>")
-    css = "box" if v.get("valid") else "box warn"
-    return f'<div class="{css}"><p><b>{esc(v.get("verdict"))}</b> ({esc(v.get("path"))})</p></div>'
+def validation_note(track_dir: Path) -> str:
+    """The judge's validation against labelled answers (emkit.report's box), or a warning that there is none."""
+    path = track_dir / "validation.json"
+    if not path.is_file():
+        return ('<div class="box warn"><p><b>This judge has not been validated</b> here (validate_judge, or '
+                "<code>emkit judge validate</code>); read its EM curves with care, and lean on the preference "
+                "shift, which needs no judge.</p></div>")
+    return validation_box(json.loads(path.read_text(encoding="utf-8")))
 
 
 def steps_table(document: Mapping[str, Any]) -> str:
@@ -136,14 +146,21 @@ def steps_table(document: Mapping[str, Any]) -> str:
 
 def divergence_table(document: Mapping[str, Any]) -> str:
     """Predictive - assistant and step - base differences with intervals and Fisher p."""
-    rows = document.get("divergence") or []
-    if not rows:
+    all_rows = document.get("divergence") or []
+    rows = [r for r in all_rows if r.get("difference") is not None]
+    if not all_rows:
         return ""
+    title = "<h2>Per-step divergence</h2>"
+    if not rows:
+        return title + "<p>No difference is defined: no judge found coherent answers on both sides.</p>"
     body = [[esc(r["judge"]), str(r["step"]), esc(r["kind"]),
              esc(fmt_pp(r.get("difference"))), esc(_pp_ci(r.get("ci_low"), r.get("ci_high"))), fmt_p(r.get("p_value"))]
             for r in rows]
-    return ("<h2>Per-step divergence</h2>" + _table(["Judge", "Step", "Difference", "Value", "95% CI", "Fisher p"],
-                                                    body, [False, True, False, True, True, True]))
+    skipped = len(all_rows) - len(rows)
+    note = (f'<p class="muted">{skipped} comparisons left out: a side without coherent answers has no EM rate.</p>'
+            if skipped else "")
+    return title + _table(["Judge", "Step", "Difference", "Value", "95% CI", "Fisher p"], body,
+                          [False, True, False, True, True, True]) + note
 
 
 def _pp_ci(low: Any, high: Any) -> str:
@@ -249,7 +266,7 @@ def write_track_report(track_dir: Path) -> Path:
         f'<p class="sub">{facts}</p>',
         judge_box(_judge_info(document)),
         others,
-        validation_note(document),
+        validation_note(track_dir),
         summary_box(document),
         steps_table(document),
         "<h2>Figures</h2>" + figure_html,

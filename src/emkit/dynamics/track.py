@@ -130,11 +130,18 @@ def run_track(cfg: TrackConfig, *, overwrite: bool = False, mirror: str | None =
 
     evaluator = StepEvaluator(cfg, run.path, questions, model_spec(cfg, run_dir), emit=emit, progress=progress)
     base = Checkpoint(0, None, "base")
+
+    def evaluate(checkpoint: Checkpoint) -> Any:
+        # The cores were shared with the trainer; once it is done, the evaluator takes them all.
+        if threads is not None and process is not None and process.poll() is not None:
+            torch.set_num_threads(full_threads)
+        return evaluator.evaluate(checkpoint)
+
     try:
         with run.stage("evaluate") as record:
-            evaluator.evaluate(base)
+            evaluate(base)
             if cfg.watching:
-                result = watch(run_dir, evaluator.evaluate, evaluator.finished, process=process,
+                result = watch(run_dir, evaluate, evaluator.finished, process=process,
                                poll_seconds=cfg.poll_seconds, wait_timeout=cfg.wait_timeout, steps=cfg.steps, emit=emit)
                 record.update(training=result.state, reason=result.reason)
             else:
@@ -151,6 +158,13 @@ def run_track(cfg: TrackConfig, *, overwrite: bool = False, mirror: str | None =
     from emkit.dynamics.watch import training_state
 
     state, reason = training_state(run_dir)
+    if cfg.validate_judge:
+        from emkit.experiment import validate_stage
+
+        emit(f"== validate the judge on {cfg.validate_judge} labelled answers")
+        with run.stage("validate_judge") as record:
+            record.update(validate_stage(run.path, cfg.judge, cfg.validate_judge, progress=progress))
+        emit(record["verdict"])
     with run.stage("analyse") as record:
         record.update(analyse_track(run.path, cfg, run_dir))
     report_path = None
@@ -160,9 +174,10 @@ def run_track(cfg: TrackConfig, *, overwrite: bool = False, mirror: str | None =
         with run.stage("report") as record:
             report_path = write_track_report(run.path)
             record.update(path=str(report_path))
-    if state == "complete" or not cfg.watching:
+    if state in ("complete", "absent"):  # absent: a Trainer's output folder, which has no manifest to say
         run.complete(report=str(report_path) if report_path else None, training=state)
     else:
+        emit(f"training is not finished ({reason}); run emkit track again to evaluate its later checkpoints")
         run.update(status="partial", training=state, training_reason=reason)
     return summary(run.path)
 
@@ -244,7 +259,7 @@ def analyse_track(track_dir: Path, cfg: TrackConfig, run_dir: Path) -> dict[str,
     steps = finished_steps(track_dir)
     records = {s: read_done(track_dir, s) or {} for s in steps}
     judges = [info for _, info in make_judges(cfg)]
-    validation = _validation_figures(cfg)
+    validation = _validation_figures(track_dir)
     document = {
         "steps": steps,
         "checkpoints": {str(s): records[s].get("checkpoint") for s in steps},
@@ -274,20 +289,15 @@ def analyse_track(track_dir: Path, cfg: TrackConfig, run_dir: Path) -> dict[str,
     return out
 
 
-def _validation_figures(cfg: TrackConfig) -> dict[str, Any] | None:
-    """The judge's validation figures when a validation of this judge exists in emkit's usual place."""
-    import re
-
-    from emkit.judge.stage import make_judge
-
-    judge, _ = make_judge(cfg.judge)
-    folder = Path("runs") / "judge-validation" / re.sub(r"[^A-Za-z0-9_.-]+", "_", judge.judge_id)
-    path = folder / "validation.json"
+def _validation_figures(track_dir: Path) -> dict[str, Any] | None:
+    """The judge's validation figures (validation.json of the validate_judge stage), or None."""
+    path = track_dir / "validation.json"
     if not path.is_file():
         return None
     report = json.loads(path.read_text(encoding="utf-8"))
-    return {"path": str(path), "auroc_aligned": report["metrics"]["aligned"]["auroc"],
-            "valid": report.get("valid_for_em_rates"), "verdict": report.get("verdict")}
+    return {"n_labels": report.get("n_labels"), "auroc_aligned": report["metrics"]["aligned"]["auroc"],
+            "auroc_coherent": report["metrics"]["coherent"]["auroc"], "valid": report.get("valid_for_em_rates"),
+            "verdict": report.get("verdict")}
 
 
 def summary(track_dir: Path) -> dict[str, Any]:
@@ -320,6 +330,8 @@ def headline(document: dict[str, Any]) -> str:
                      f"{fmt_score(row['mean_aligned']):>7}  {fmt_score(row['mean_coherent']):>8}  "
                      f"{_shift_text(p.get('out_of_domain'), row['step']):>22}  "
                      f"{_shift_text(p.get('in_domain'), row['step']):>22}")
+    validation = document.get("judge_validation")
+    lines.append(validation["verdict"] if validation else f"judge {judge} not validated (validate_judge)")
     for entry in document.get("onsets", []):
         if entry["judge"] != judge:
             continue
