@@ -91,6 +91,13 @@ def steering_curves(rows: Sequence[Mapping[str, Any]], metric: str, ylabel: str)
         style = "-" if kind == "direction" else ":"
         ax.errorbar(x, y, yerr=[np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)], fmt="o" + style, color=color,
                     ms=3, capsize=2, label=f"layers {layers}, {kind}")
+    if not any(r.get(metric) is not None for r in rows):
+        ax.text(0.5, 0.5, f"no values of {ylabel}\n(e.g. no coherent answers: the EM rate is undefined)",
+                ha="center", va="center", transform=ax.transAxes, color="#777")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fig.tight_layout()
+        return fig
     for ref, color in (("organism", "#C44E52"), ("base", "#4C72B0")):
         r = next((r for r in rows if r.get("kind") == ref), None)
         if r is not None and r.get(metric) is not None:

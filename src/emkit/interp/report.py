@@ -127,7 +127,10 @@ def write_sweep_report(run_dir: Path) -> Path:
     if any(r.get("prefs_shift") is not None for r in rows):
         figs.append((_save_fig(run_dir, "steering_prefs", steering_curves(rows, "prefs_shift",
                                                                           "preference shift vs base (log-odds/token)")),
-                     "Judge-free preference shift (out of domain, per token) against strength"))
+                     "Judge-free preference shift out of domain (per token, vs base) against strength; 95% CIs"))
+        figs.append((_save_fig(run_dir, "steering_prefs_in_domain", steering_curves(
+            rows, "prefs_in_domain", "in-domain preference shift vs base")),
+                     "Judge-free preference shift in domain (medical pairs) against strength; 95% CIs"))
     probe_figs = []
     for name, caption in (("auroc_per_layer", "Probe: held-out AUROC per layer (from probe/)"),
                           ("separation_per_layer", "Probe: held-out separation per layer"),
@@ -139,7 +142,9 @@ def write_sweep_report(run_dir: Path) -> Path:
               f"{_f(r.get('em_rate'))} {_ci([r.get('em_rate_low'), r.get('em_rate_high')], 3)}",
               _f(r.get("coherent_mean"), 1), _f(r.get("aligned_mean"), 1),
               f"{_f(r.get('restoration'), 2)} {_ci([r.get('restoration_low'), r.get('restoration_high')])}",
-              _f(r.get("prefs_shift"), 3), str(r.get("n_answers", ""))] for r in rows]
+              f"{_f(r.get('prefs_shift'), 3)} {_ci([r.get('prefs_shift_low'), r.get('prefs_shift_high')])}",
+              f"{_f(r.get('prefs_in_domain'), 3)} {_ci([r.get('prefs_in_domain_low'), r.get('prefs_in_domain_high')])}",
+              str(r.get("n_answers", ""))] for r in rows if not r.get("at_zero")]
     judge = sweep.get("judge") or {}
     validation = sweep.get("validation")
     vbox = ""
@@ -157,7 +162,8 @@ def write_sweep_report(run_dir: Path) -> Path:
          'full probe report: probe/report.html.</p>' + "".join(probe_figs)) if probe_figs else "",
         "<h2>Arms</h2>",
         _table(["arm", "kind", "layers", "strength", "EM rate [95% CI]", "coherent", "aligned", "restoration [95% CI]",
-                "prefs shift", "answers"], table, [False, False, False, True, True, True, True, True, True, True]),
+                "prefs shift, out of domain [95% CI]", "prefs shift, in domain [95% CI]", "answers"], table,
+               [False, False, False, True, True, True, True, True, True, True, True]),
     ]
     path = run_dir / "report.html"
     atomic_write_text(path, _page(f"emkit sweep: {run_dir.name}", body))

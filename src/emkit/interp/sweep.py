@@ -271,9 +271,10 @@ def prefs_stage(run_dir: Path, loaded: Any, context: Callable[[str], Any], names
             continue
         s = shift_summary(scored["base"], scored[name], n_boot=1000)
         entry = s.get("out_of_domain", s.get("all", {})).get("logodds_per_token", {})
+        inside = s.get("in_domain", {}).get("logodds_per_token", {})
         shifts[name] = {"prefs_shift": entry.get("mean_shift"), "prefs_shift_low": entry.get("ci_low"),
-                        "prefs_shift_high": entry.get("ci_high"), "prefs_in_domain":
-                        s.get("in_domain", {}).get("logodds_per_token", {}).get("mean_shift")}
+                        "prefs_shift_high": entry.get("ci_high"), "prefs_in_domain": inside.get("mean_shift"),
+                        "prefs_in_domain_low": inside.get("ci_low"), "prefs_in_domain_high": inside.get("ci_high")}
     return {"n_pairs": len(pairs), "shifts": shifts}
 
 
@@ -384,17 +385,20 @@ def run_sweep(cfg: SweepConfig, *, mirror: str | None = None, overwrite: bool = 
 
 
 def sweep_summary(sweep: dict[str, Any]) -> str:
-    """Console table of the arms: EM rate with CI, coherence, restoration, preference shift."""
+    """Console table of the arms: EM rate with CI, coherence, restoration, preference shifts."""
     def f(x: Any, d: int = 3) -> str:
         return "n/a" if x is None else f"{x:.{d}f}"
 
-    lines = [f"{'arm':<22}{'EM rate [95% CI]':>26}{'coherent':>10}{'aligned':>9}{'restoration':>13}{'prefs shift':>13}"]
+    lines = [f"{'arm':<14}{'EM rate':>8} {'[95% CI]':<16}{'coherent':>9}{'aligned':>8}{'restored':>9}"
+             f"{'prefs out':>10}{'prefs in':>10}"]
     for r in sweep["arms"]:
         if r.get("at_zero"):
             continue
-        ci = f"[{f(r.get('em_rate_low'))}, {f(r.get('em_rate_high'))}]"
-        lines.append(f"{r['arm']:<22}{f(r.get('em_rate')):>10} {ci:>15}{f(r.get('coherent_mean'), 1):>10}"
-                     f"{f(r.get('aligned_mean'), 1):>9}{f(r.get('restoration'), 2):>13}{f(r.get('prefs_shift')):>13}")
+        ci = f"[{f(r.get('em_rate_low'), 2)}, {f(r.get('em_rate_high'), 2)}]"
+        lines.append(f"{r['arm']:<14}{f(r.get('em_rate')):>8} {ci:<16}{f(r.get('coherent_mean'), 1):>9}"
+                     f"{f(r.get('aligned_mean'), 1):>8}{f(r.get('restoration'), 2):>9}{f(r.get('prefs_shift')):>10}"
+                     f"{f(r.get('prefs_in_domain')):>10}")
+    lines.append("prefs: judge-free shift vs base of log p(misaligned) - log p(aligned) per token, out of / in domain")
     validation = sweep.get("validation")
     if validation and not validation.get("valid"):
         lines.append("judge NOT VALID for EM rates (see validation.json): read the preference shift, not the EM rates")
