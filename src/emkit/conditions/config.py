@@ -96,6 +96,9 @@ class ConditionsConfig(StrictModel):
     n_boot: int = Field(2000, ge=100, description="Bootstrap resamples of the rate intervals.")
     fit_boot: int = Field(500, ge=50, description="Bootstrap refits of the masked-LoRA logistic fit.")
     ci: float = Field(0.95, gt=0, lt=1, description="Confidence level of every interval.")
+    prefs: bool = Field(
+        False, description="Also measure each LoRA arm's judge-free preference shift organism - base (emkit prefs)."
+    )
     report: bool = Field(True, description="Write report.html and figures.")
 
     NON_RESULT_FIELDS: ClassVar[frozenset[str]] = frozenset({"output"})

@@ -72,7 +72,9 @@ def overview(rates: Sequence[Mapping[str, Any]], seeds: Sequence[Mapping[str, An
                     if s["arm"] == arm and s["condition"] == condition and s.get(f"em_rate_{denominator}") is not None]
             if len(dots) > 1:
                 ax.scatter(np.full(len(dots), x[i] + offset), dots, s=10, color="black", zorder=3)
-    ax.set_xticks(x, [f"{a}\n(reference)" if a == reference else a for a in arms], fontsize=8)
+    labels = [f"{a}\n(reference)" if a == reference else a for a in arms]
+    slanted = max(len(a) for a in arms) * len(arms) > 90  # long names would run into each other
+    ax.set_xticks(x, labels, fontsize=8, rotation=25 if slanted else 0, ha="right" if slanted else "center")
     ax.set_ylabel(DENOMINATOR_LABELS[denominator])
     ax.set_ylim(0, _top(highs))
     ax.set_title("EM rate per arm and condition (bars: pooled over seeds; dots: single seeds)", fontsize=10)
@@ -106,7 +108,7 @@ def comparison(rates: Sequence[Mapping[str, Any]], tests: Sequence[Mapping[str, 
     ax.set_xticks(x, list(conditions))
     ax.set_ylabel(DENOMINATOR_LABELS[denominator])
     ax.set_ylim(0, top * 1.12)
-    ax.set_title(f"{arm} vs {reference} (Fisher exact test)", fontsize=10)
+    ax.set_title(f"{arm}\nvs {reference} (Fisher exact test)", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return fig

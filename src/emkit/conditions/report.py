@@ -153,6 +153,27 @@ def _tests_section(results: Mapping[str, Any], family: str, title: str, explain:
               "independent; compare the per-seed rates above to see whether replicates agree.</p>")
 
 
+def _prefs_section(results: Mapping[str, Any]) -> str:
+    rows = []
+    for r in results.get("prefs") or []:
+        cells = []
+        for domain in ("in_domain", "out_of_domain", "all"):
+            s = r.get(domain) or {}
+            mean, low, high = s.get("mean_shift"), s.get("ci_low"), s.get("ci_high")
+            cells.append("n/a" if mean is None else esc(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
+                         + f' <span class="muted">(n={s.get("n")}, +{s.get("positive")}/-{s.get("negative")}, '
+                           f'sign p {fmt_p(s.get("sign_test_p"))})</span>')
+        rows.append([esc(r["arm"]), esc(r["seed"]), *cells])
+    if not rows:
+        return ""
+    return ("<h2>Preference shift per arm (no judge)</h2><p>For emkit's answer pairs (an aligned and a misaligned "
+            "answer to the same question), the log-odds log p(misaligned) - log p(aligned) per token from the "
+            "model's own probabilities; the shift is each arm's trained model minus its base. Above 0: the arm "
+            "prefers misaligned answers more than the base does. In-domain: medical questions.</p>"
+            + _table(["Arm", "Seed", "In-domain shift [95% CI]", "Out-of-domain shift [95% CI]", "All"], rows,
+                     [False, False, True, True, True]))
+
+
 def _fits_section(results: Mapping[str, Any]) -> str:
     fits = results["fits"]
     if not fits:
@@ -233,6 +254,7 @@ def write_conditions_report(run_dir: Path) -> Path:
         '<div class="box"><p>' + "</p><p>".join(notes) + "</p></div>",
         _arms_section(results.get("arm_runs", [])),
         _rates_section(results),
+        _prefs_section(results),
         _tests_section(results, "arms", "Arms against the reference arm",
                        f"Each arm against {results['reference']}, within each system-prompt condition."),
         _tests_section(results, "conditions", "Conditions against the reference condition",
@@ -272,6 +294,13 @@ def console_table(results: Mapping[str, Any]) -> str:
             lines.append(f"  {t['a']['arm']} vs {t['b']['arm']} [{t['a']['condition']}]: "
                          f"{fmt_pp(t.get(f'diff_em_rate_{d}'))}, p={fmt_p(t.get(f'p_value_{d}'))}, "
                          f"adj {fmt_p(t.get(f'p_value_{d}_adj'))}")
+    for r in results.get("prefs") or []:
+        s = r.get("out_of_domain") or {}
+        i = r.get("in_domain") or {}
+        if s.get("mean_shift") is not None and i.get("mean_shift") is not None:
+            lines.append(f"preference shift {r['arm']} (seed {r['seed']}), per token: in-domain "
+                         f"{i['mean_shift']:+.3f} [{i['ci_low']:+.3f}, {i['ci_high']:+.3f}], out-of-domain "
+                         f"{s['mean_shift']:+.3f} [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]")
     for f in results["fits"]:
         if f.get("status") == "ok":
             lines.append(f"fit {f['group']} [{f['condition']}]: midpoint {f['midpoint_budget']:,.0f} scalars, "

@@ -48,6 +48,7 @@ class ArmRunConfig(StrictModel):
     data_sha256: str | None
     generate: dict[str, Any]
     judge: dict[str, Any]
+    prefs: bool = False
 
     NON_RESULT_FIELDS: ClassVar[frozenset[str]] = frozenset()
 
@@ -119,6 +120,7 @@ def run_arm(arm: ArmRun, arm_dir: Path, cfg: ConditionsConfig, data: tuple[str, 
         train=_result_fields(train_cfg, ("data",)) if train_cfg else None,
         data_sha256=data[1] if data else None,
         generate=_result_fields(gen, ("adapter",)), judge=_result_fields(cfg.judge),
+        prefs=cfg.prefs and arm.method in ("lora", "masked"),
     )
     folder = RunFolder(arm_dir)
     if folder.open(ARM_KIND, key, main_process=False) == "complete":
@@ -146,6 +148,12 @@ def run_arm(arm: ArmRun, arm_dir: Path, cfg: ConditionsConfig, data: tuple[str, 
         record.update(judge_stage(arm_dir, cfg.judge, questions, emit=emit, progress=progress))
     folder.update(judge=record["judge"])
     results["answers"] = record["answers"]
+    if key.prefs and trained is not None:
+        from emkit.experiment import prefs_stage
+
+        with folder.stage("prefs") as record:
+            record.update(prefs_stage(arm_dir, arm.model, str(trained.run_dir), device=gen.device))
+        results["prefs"] = dict(record)
     folder.complete(**results)
     return {"skipped": False, **results}
 
@@ -163,6 +171,21 @@ def _combine(plan: list[ArmRun], run_dir: Path, totals: dict[str, int]) -> pd.Da
                              budget_scalars=float("nan") if budget_scalars is None else float(budget_scalars))
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
+
+
+def _prefs_rows(plan: list[ArmRun], run_dir: Path) -> list[dict[str, Any]]:
+    """Each arm's judge-free preference shift (organism - base) where it was measured."""
+    rows = []
+    for arm in plan:
+        path = run_dir / "arms" / arm.key / "prefs.json"
+        if not path.is_file():
+            continue
+        shift = json.loads(path.read_text(encoding="utf-8"))["shift"]
+        row: dict[str, Any] = {"arm": arm.name, "seed": arm.seed}
+        for domain in ("in_domain", "out_of_domain", "all"):
+            row[domain] = (shift.get(domain) or {}).get("logodds_per_token")
+        rows.append(row)
+    return rows
 
 
 def _write_parquet(path: Path, table: pd.DataFrame) -> None:
@@ -244,7 +267,8 @@ def run_conditions(cfg: ConditionsConfig, *, mirror: str | None = None, overwrit
                 note = template_system_note(model)
                 if note:
                     notes.append(note)
-        results.update(arm_runs=arm_records, notes=notes, seeds_run=cfg.seeds, lora_scalars=totals)
+        results.update(arm_runs=arm_records, notes=notes, seeds_run=cfg.seeds, lora_scalars=totals,
+                       prefs=_prefs_rows(plan, run.path))
         atomic_write_json(run.path / RESULTS, results)
         record.update(answers=len(scores))
     judge = (json.loads((run.path / "arms" / plan[0].key / "stats.json").read_text(encoding="utf-8"))
