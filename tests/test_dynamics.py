@@ -22,7 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from emkit.config import GenerateConfig, JudgeConfig, TrainConfig
+from emkit.config import GenerateConfig, TrainConfig
 from emkit.data.questions import Document, resolve_questions
 from emkit.dynamics.analysis import analyse
 from emkit.dynamics.checkpoints import checkpoint_problem, scan_checkpoints
