@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import write_chat_jsonl
 from scipy import stats
 
-from conftest import write_chat_jsonl
 from emkit.conditions import expand, load_conditions
 from emkit.conditions.fit import fit_logistic, logistic4
 from emkit.conditions.stats import conditions_stats

@@ -15,9 +15,10 @@ from emkit.train.masked import MASK_FILE, apply_mask, draw_mask, load_mask, lora
 
 
 def _cfg(tiny_model: Path, data: Path, out: Path, **kw: object) -> TrainConfig:
-    base = dict(model=str(tiny_model), data=str(data), output=out, max_steps=4, batch_size=2, grad_accum=1,
-                lr=1e-2, warmup_steps=0, weight_decay=0.1, save_steps=100, device="cpu",
-                lora=LoraSettings(r=4, alpha=8))
+    base: dict[str, object] = {
+        "model": str(tiny_model), "data": str(data), "output": out, "max_steps": 4, "batch_size": 2,
+        "grad_accum": 1, "lr": 1e-2, "warmup_steps": 0, "weight_decay": 0.1, "save_steps": 100, "device": "cpu",
+        "lora": LoraSettings(r=4, alpha=8)}
     base.update(kw)
     return TrainConfig(**base)
 

@@ -21,7 +21,18 @@ from emkit.conditions import figures
 from emkit.metrics import Thresholds, flag_answers
 from emkit.report import judge_info
 from emkit.report.figures import png_bytes, write_png
-from emkit.report.html import CSS, esc, fmt_ci, fmt_p, fmt_pct, fmt_pp, fmt_rate, fmt_score, judge_box, manifest_section
+from emkit.report.html import (
+    CSS,
+    esc,
+    fmt_ci,
+    fmt_p,
+    fmt_pct,
+    fmt_pp,
+    fmt_rate,
+    fmt_score,
+    judge_box,
+    manifest_section,
+)
 from emkit.runs import RunFolder, atomic_write_text, now
 
 RESULTS = "conditions.json"
@@ -58,12 +69,13 @@ def render_figures(results: Mapping[str, Any]) -> dict[str, tuple[bytes, str]]:
         if arm == reference:
             continue
         fig = figures.comparison(rates, results["tests"]["arms"], arm, reference, conditions, d)
-        out[f"compare-{arm}"] = (png_bytes(fig), f"{arm} against the reference arm {reference}, per condition, "
-                                                 f"with two-sided Fisher exact p ({results['correction']}-adjusted).")
+        caption = (f"{arm} against the reference arm {reference}, per condition, "
+                   f"with two-sided Fisher exact p ({results['correction']}-adjusted).")
+        out[f"compare-{arm}"] = (png_bytes(fig), caption)
     for group in dict.fromkeys(f["group"] for f in results["fits"]):
-        out[f"budget-{group}"] = (png_bytes(figures.budget_curve(results["fits"], rates, group, d)),
-                                  f"Masked LoRA ({group}): EM rate against trainable scalars; line and band: "
-                                  "4-parameter logistic fit and its bootstrap band; dotted: the fitted midpoint.")
+        caption = (f"Masked LoRA ({group}): EM rate against trainable scalars; line and band: "
+                   "4-parameter logistic fit and its bootstrap band; dotted: the fitted midpoint.")
+        out[f"budget-{group}"] = (png_bytes(figures.budget_curve(results["fits"], rates, group, d)), caption)
     return out
 
 
@@ -141,8 +153,8 @@ def _tests_section(results: Mapping[str, Any], family: str, title: str, explain:
             odds = t.get(f"odds_ratio_{d}")
             adj = t.get(f"p_value_{d}_adj")
             mark = " <b>*</b>" if adj is not None and adj < 0.05 else ""
-            rows.append([esc(label), esc(within), d, fmt_pct(t.get(f"{r}_a")) + _count(t[f"n_misaligned_a"], t[f"n_{d}_a"]),
-                         fmt_pct(t.get(f"{r}_b")) + _count(t[f"n_misaligned_b"], t[f"n_{d}_b"]),
+            rows.append([esc(label), esc(within), d, fmt_pct(t.get(f"{r}_a")) + _count(t["n_misaligned_a"], t[f"n_{d}_a"]),
+                         fmt_pct(t.get(f"{r}_b")) + _count(t["n_misaligned_b"], t[f"n_{d}_b"]),
                          esc(f"{fmt_pp(t.get(f'diff_{r}'))} {fmt_ci(t.get(f'diff_{r}_ci_low'), t.get(f'diff_{r}_ci_high'))}"),
                          "n/a" if odds is None else f"{odds:.2f}", fmt_p(t.get(f"p_value_{d}")), fmt_p(adj) + mark])
     headers = ["Comparison", "Within", "Denominator", "Rate a", "Rate b", "Difference a - b [CI]", "Odds ratio",
@@ -182,7 +194,7 @@ def _fits_section(results: Mapping[str, Any]) -> str:
     for f in fits:
         p, lo, hi = f.get("params") or {}, f.get("ci_low") or {}, f.get("ci_high") or {}
 
-        def cell(key: str, scale: float = 1.0, pct: bool = False) -> str:
+        def cell(key: str, pct: bool = False, p: Mapping = p, lo: Mapping = lo, hi: Mapping = hi) -> str:
             if key not in p:
                 return "n/a"
             fmt = (lambda v: f"{v * 100:.1f}%") if pct else (lambda v: f"{v:.2f}")
@@ -235,14 +247,14 @@ def write_conditions_report(run_dir: Path) -> Path:
     thresholds = Thresholds(t["aligned_below"], t["coherent_above"], t["aligned_inclusive"])
     boot = results["bootstrap"]
     notes = [
-        f"Misaligned answer: <b>{esc(t['rule'])}</b>; EM rate among coherent answers = misaligned / coherent "
-        "(Betley et al. 2025), among scored answers = misaligned / scored (model-organisms-for-EM). Figures and "
-        f"fits use the rate among <b>{esc(results['denominator'])}</b> answers.",
-        f"Intervals: {boot['ci'] * 100:g}% percentile bootstrap ({boot['n_boot']} resamples, seed {boot['seed']}), "
-        "answers resampled within each question, all seeds of an arm pooled.",
-        f"Tests: every arm against the reference arm <b>{esc(results['reference'])}</b> within each condition, and "
-        f"every condition against <b>{esc(results['reference_condition'])}</b> within each arm; "
-        f"{esc(results['correction'])} correction within each family.",
+        (f"Misaligned answer: <b>{esc(t['rule'])}</b>; EM rate among coherent answers = misaligned / coherent "
+         "(Betley et al. 2025), among scored answers = misaligned / scored (model-organisms-for-EM). Figures and "
+         f"fits use the rate among <b>{esc(results['denominator'])}</b> answers."),
+        (f"Intervals: {boot['ci'] * 100:g}% percentile bootstrap ({boot['n_boot']} resamples, seed {boot['seed']}), "
+         "answers resampled within each question, all seeds of an arm pooled."),
+        (f"Tests: every arm against the reference arm <b>{esc(results['reference'])}</b> within each condition, "
+         f"and every condition against <b>{esc(results['reference_condition'])}</b> within each arm; "
+         f"{esc(results['correction'])} correction within each family."),
         *[esc(n) for n in results.get("notes", [])],
     ]
     facts = (f"{len(results['arms'])} arms x {len(results['conditions'])} conditions; seeds "

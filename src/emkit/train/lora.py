@@ -78,7 +78,7 @@ def check_saved_model(folder: Path) -> dict[str, int]:
     n_params = 0
     for path in files:
         with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                 shape = handle.get_slice(key).get_shape()
                 size = 1
                 for dim in shape:

@@ -34,6 +34,7 @@ the summary); a resumed run counts from where it resumed.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ def draw_mask(sizes: list[int], budget: int, seed: int) -> list[np.ndarray]:
     chosen = np.sort(np.random.default_rng(seed).choice(total, size=budget, replace=False))
     offsets = np.cumsum([0, *sizes])
     return [chosen[np.searchsorted(chosen, lo):np.searchsorted(chosen, hi)] - lo
-            for lo, hi in zip(offsets[:-1], offsets[1:])]
+            for lo, hi in itertools.pairwise(offsets)]
 
 
 @dataclass
@@ -229,7 +230,7 @@ def load_mask(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
     masks, init = {}, {}
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
-        for key in handle.keys():
+        for key in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
             base, _, kind = key.rpartition(".")
             if kind == "mask":
                 masks[base] = handle.get_tensor(key).bool()
