@@ -41,6 +41,19 @@ class StrictModel(BaseModel):
     # Fields that do not change a run's result (where it is written, how it logs): a run can resume
     # across changes of these. Subclasses name theirs.
     NON_RESULT_FIELDS: ClassVar[frozenset[str]] = frozenset()
+    # Fields added after runs were made: left out of dumps (so of saved configs and hashes) while at
+    # their default, so a run made before a field existed still resumes.
+    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _dump_without_later_defaults(self, handler: Any) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for name in self.LATER_FIELDS:
+                if name in data and getattr(self, name) == type(self).model_fields[name].get_default(
+                        call_default_factory=True):
+                    data.pop(name)
+        return data
 
 
 def _split_list(value: Any) -> Any:
@@ -132,6 +145,7 @@ class TrainConfig(StrictModel):
     full_finetune: bool = Field(False, description="Train every weight of the model instead of a LoRA adapter.")
 
     NON_RESULT_FIELDS: ClassVar[frozenset[str]] = frozenset({"output", "logging_steps", "keep_train_states"})
+    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset({"mask_budget", "mask_seed", "full_finetune"})
 
     @model_validator(mode="after")
     def _method(self) -> TrainConfig:
@@ -362,6 +376,7 @@ class GenerateConfig(StrictModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Model dtype.")
 
     NON_RESULT_FIELDS: ClassVar[frozenset[str]] = frozenset({"output", "concurrency", "api_key_env"})
+    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset({"modes"})
 
     @field_validator("conditions", mode="before")
     @classmethod
@@ -386,13 +401,6 @@ class GenerateConfig(StrictModel):
             raise ValueError(f"a condition is named '{clash[0]}', like the prompting mode; rename the condition")
         return value
 
-    @model_serializer(mode="wrap")
-    def _dump(self, handler: Any) -> Any:
-        data = handler(self)
-        # The default leaves configs (and so the hashes of runs made before modes existed) unchanged.
-        if isinstance(data, dict) and data.get("modes") == ["assistant"]:
-            data.pop("modes")
-        return data
 
 
 class JudgeConfig(StrictModel):
