@@ -14,8 +14,9 @@ every block output; emkit reads the mean over the answer tokens and streams floa
   emkit     emkit.interp.activations.collect (hooks, gather, float32 copy to the host, shards on disk)
   original  for each prompt: model(ids, output_hidden_states=True), keep hidden_states[k][0, -1] per layer
 
-Memory: emkit runs again in fresh subprocesses on N and 10N prompts; peak host RSS and peak GPU
-memory must not grow with N (streaming keeps one shard in memory).
+Memory: emkit runs again in fresh subprocesses on N and 10N prompts; the host memory the collection
+adds (sampled during it) and the peak GPU memory must not grow with N (streaming keeps one shard in
+memory; use a shard size below N to see it, e.g. --shard-size 16).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
+SHARD_SIZE = 512
 
 
 def load(args: argparse.Namespace):
@@ -104,7 +105,7 @@ def emkit_collect(loaded, exs, batch_size: int, out: Path) -> float:
     _sync(loaded.device)
     t0 = time.perf_counter()
     collect(loaded.model, loaded.tokenizer, exs, list(range(n_blocks(loaded.model))), "response_mean",
-            batch_size=batch_size, out_dir=out, progress=False)
+            batch_size=batch_size, out_dir=out, progress=False, shard_size=SHARD_SIZE)
     _sync(loaded.device)
     return time.perf_counter() - t0
 
@@ -123,17 +124,44 @@ def original(loaded, exs) -> float:
     return time.perf_counter() - t0
 
 
+def rss_mib() -> float:
+    """This process's resident memory now (MiB)."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def memory_child(args: argparse.Namespace) -> None:
-    """(subprocess) collect N prompts with emkit and print peak host RSS and GPU memory as JSON."""
+    """(subprocess) collect N prompts with emkit; print the host memory it added and peak GPU memory as JSON.
+
+    The model load sets the process's lifetime peak, so the collection's own cost is sampled: resident
+    memory every 20 ms during the collection, minus the resident memory just before it.
+    """
+    import threading
+
     loaded, _ = load(args)
     exs = examples(loaded.tokenizer, args.prompts, args.data)
     if loaded.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    before = rss_mib()
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], rss_mib())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     with tempfile.TemporaryDirectory() as tmp:
         seconds = emkit_collect(loaded, exs, args.batch_size, Path(tmp) / "acts")
+    done.set()
+    sampler.join()
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if loaded.device.type == "cuda" else None
-    print(json.dumps({"prompts": args.prompts, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "peak_gpu_mib": peak_gpu, "seconds": seconds}))
+    print(json.dumps({"prompts": args.prompts, "rss_before_mib": before, "rss_peak_mib": peak[0],
+                      "collection_added_mib": peak[0] - before, "peak_gpu_mib": peak_gpu, "seconds": seconds}))
 
 
 def main() -> None:
@@ -147,12 +175,15 @@ def main() -> None:
     parser.add_argument("--original-prompts", type=int, default=None, help="prompts timed for the original loop")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--memory-factor", type=int, default=10)
+    parser.add_argument("--shard-size", type=int, default=512, help="examples per activation shard")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.random_llama_1b and not args.tokenizer:
         sys.exit("--random-llama-1b needs --tokenizer DIR")
+    global SHARD_SIZE
+    SHARD_SIZE = args.shard_size
     if args.memory_child:
         memory_child(args)
         return
@@ -186,15 +217,18 @@ def main() -> None:
         peaks = []
         for n in (args.prompts, args.prompts * args.memory_factor):
             cmd = [sys.executable, __file__, "--memory-child", "--prompts", str(n), "--batch-size", str(args.batch_size),
+                   "--shard-size", str(args.shard_size),
                    "--model", args.model] + (["--random-llama-1b", "--tokenizer", args.tokenizer]
                                              if args.random_llama_1b else []) + (["--data", args.data] if args.data else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             peaks.append(json.loads(out))
             gpu = f", peak GPU {peaks[-1]['peak_gpu_mib']:.0f} MiB" if peaks[-1]["peak_gpu_mib"] else ""
-            print(f"memory, {n:6d} prompts: peak host RSS {peaks[-1]['peak_rss_mib']:.0f} MiB{gpu}")
+            print(f"memory, {n:6d} prompts: collection added {peaks[-1]['collection_added_mib']:.0f} MiB to "
+                  f"{peaks[-1]['rss_before_mib']:.0f} MiB resident{gpu}")
         results["memory"] = peaks
-        results["rss_growth_10x"] = peaks[1]["peak_rss_mib"] / peaks[0]["peak_rss_mib"]
-        print(f"peak host memory grows {results['rss_growth_10x']:.2f}x for {args.memory_factor}x the prompts")
+        results["added_growth_10x"] = peaks[1]["collection_added_mib"] / max(peaks[0]["collection_added_mib"], 1.0)
+        print(f"host memory added by the collection grows {results['added_growth_10x']:.2f}x for "
+              f"{args.memory_factor}x the prompts")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
