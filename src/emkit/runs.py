@@ -139,7 +139,8 @@ def provenance() -> dict[str, Any]:
     return info
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -212,7 +213,7 @@ class RunFolder:
                 and host == socket.gethostname()
                 and isinstance(pid, int)
                 and pid != os.getpid()
-                and _pid_alive(pid)
+                and pid_alive(pid)
             ):
                 raise RunFolderError(f"{self.path}: another emkit process (pid {pid}) is running this run")
         if not main_process:

@@ -10,7 +10,6 @@ restarted after a crash evaluates only what is missing.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from collections.abc import Callable
@@ -20,18 +19,9 @@ from typing import Any, Literal
 
 from emkit.dynamics.checkpoints import Checkpoint, final_adapter, scan_checkpoints
 from emkit.errors import EmkitError
+from emkit.runs import pid_alive
 
 State = Literal["absent", "running", "complete", "stopped"]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def training_state(run_dir: Path, process: Any = None) -> tuple[State, str]:
@@ -56,7 +46,7 @@ def training_state(run_dir: Path, process: Any = None) -> tuple[State, str]:
     if status == "running":
         if host != socket.gethostname():
             return "running", f"training runs on {host} (not checked from here)"
-        if isinstance(pid, int) and _pid_alive(pid):
+        if isinstance(pid, int) and pid_alive(pid):
             return "running", f"training process {pid} is running"
     return "stopped", f"training is not running (manifest status '{status}')"
 
