@@ -232,6 +232,17 @@ def _select(df: pd.DataFrame, selector: Mapping[str, Any]) -> pd.DataFrame:
     return df[mask]
 
 
+def finite_or_none(x: Any) -> float | None:
+    """`x` as a float, or None when it is None, not a number, NaN or infinite."""
+    if x is None:
+        return None
+    try:
+        value = float(x)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
 def _number(x: Any) -> float | int | None:
     """A plain Python number for JSON; None for NaN, infinities and None."""
     if x is None or isinstance(x, (bool, np.bool_)):

@@ -17,26 +17,18 @@ Input: one row per judged answer with `judge`, `step`, `mode`, `question_id`, `a
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from emkit.dynamics.onset import CurvePoint, crossing_order, largest_jump, onset
-from emkit.metrics import ALL, Thresholds, compare, flag_answers, summarize
+from emkit.metrics import ALL, Thresholds, compare, finite_or_none, flag_answers, summarize
 
 RATE = "em_rate_coherent"  # the headline rate (Betley et al.); em_rate_scored is kept beside it
 
 
-def _num(x: Any) -> float | None:
-    if x is None:
-        return None
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
+_num = finite_or_none
 
 
 def mean_intervals(df: pd.DataFrame, column: str, n_boot: int, seed: int, ci: float = 0.95) -> tuple[float, float]:

@@ -9,10 +9,11 @@ noisy excursion does not count as emergence.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from emkit.metrics import finite_or_none
 
 
 @dataclass(frozen=True)
@@ -25,11 +26,7 @@ class CurvePoint:
     high: float | None
 
 
-def _finite(x: Any) -> float | None:
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
+_finite = finite_or_none
 
 
 def clears(point: CurvePoint, base: CurvePoint) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from emkit import __version__
-from emkit.metrics import ALL, DENOMINATORS, Thresholds, flag_answers
+from emkit.metrics import ALL, DENOMINATORS, Thresholds, finite_or_none, flag_answers
 from emkit.report.figures import FIGURES, model_order
 from emkit.runs import now
 
@@ -52,14 +51,7 @@ details { margin: 0.6em 0; } summary { cursor: pointer; font-weight: 600; }
 
 # --- number formatting (shared with the console table) ---------------------------------------------
 
-def _finite(x: Any) -> float | None:
-    if x is None:
-        return None
-    try:
-        value = float(x)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
+_finite = finite_or_none
 
 
 def fmt_pct(x: Any) -> str:
