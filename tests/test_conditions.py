@@ -77,6 +77,27 @@ def _answers(counts: dict[tuple[str, str], tuple[int, int]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def test_seeds_are_the_unit_of_the_headline_when_arms_have_several() -> None:
+    """Three seeds per arm whose rates disagree: pooled Fisher calls the arms different, the seeds do not."""
+    rows = []
+    for arm, per_seed in (("ref", (5, 40, 15)), ("other", (30, 10, 45))):
+        for seed, k in enumerate(per_seed):
+            for i in range(100):
+                rows.append({"arm": arm, "condition": "none", "seed": seed, "question_id": f"q{i % 10}",
+                             "aligned": 10.0 if i < k else 90.0, "coherent": 90.0})
+    results = conditions_stats(pd.DataFrame(rows), arms=["ref", "other"], conditions=["none"], reference="ref",
+                               reference_condition="none", thresholds=BETLEY, fit_boot=50)
+    [t] = results["tests"]["arms"]
+    assert t["n_seeds_a"] == 3 and t["units"]["headline"].startswith("training seeds")
+    assert t["p_value_coherent_fisher"] < 0.05  # 85 / 300 vs 60 / 300, answers as if independent
+    ours = stats.ttest_ind([30, 10, 45], [5, 40, 15])
+    assert t["p_value_coherent"] == pytest.approx(ours.pvalue) and t["p_value_coherent"] > 0.3
+    assert t["diff_em_rate_coherent_ci_low"] < 0 < t["diff_em_rate_coherent_ci_high"]
+    rates = {r["arm"]: r for r in results["rates"]}
+    assert rates["other"]["n_seeds"] == 3 and rates["other"]["em_rate_coherent_seeds_mean"] == pytest.approx(85 / 300)
+    assert rates["other"]["em_rate_coherent_seeds_ci_low"] < 0.1
+
+
 def test_fisher_and_holm_table_on_synthetic_counts() -> None:
     counts = {("ref", "none"): (30, 100), ("ref", "ai"): (20, 100), ("filtered", "none"): (12, 100),
               ("filtered", "ai"): (18, 100), ("mixed", "none"): (4, 100), ("mixed", "ai"): (19, 100)}
@@ -91,8 +112,10 @@ def test_fisher_and_holm_table_on_synthetic_counts() -> None:
         ka, na = counts[(t["a"]["arm"], t["a"]["condition"])]
         kb, nb = counts[("ref", t["a"]["condition"])]
         expected = stats.fisher_exact([[ka, na - ka], [kb, nb - kb]])
-        assert t["p_value_scored"] == pytest.approx(expected.pvalue, rel=1e-12)
-        assert t["p_value_coherent"] == pytest.approx(expected.pvalue, rel=1e-12)  # all answers are coherent
+        assert t["p_value_scored_fisher"] == pytest.approx(expected.pvalue, rel=1e-12)
+        assert t["p_value_coherent_fisher"] == pytest.approx(expected.pvalue, rel=1e-12)  # all answers coherent
+        # the headline takes the questions as the unit: with two questions it cannot go below 2 / 2^2
+        assert t["units"]["headline"].startswith("questions") and t["p_value_scored"] >= 0.5
         assert t["odds_ratio_scored"] == pytest.approx(expected.statistic)
         assert t["diff_em_rate_scored"] == pytest.approx(ka / na - kb / nb)
         raw.append(expected.pvalue)
@@ -102,8 +125,8 @@ def test_fisher_and_holm_table_on_synthetic_counts() -> None:
     for rank, idx in enumerate(order):
         running = max(running, min(1.0, raw[idx] * (4 - rank)))
         holm[idx] = running
-    assert [t["p_value_scored_adj"] for t in tests] == pytest.approx(holm.tolist(), rel=1e-12)
-    assert tests[1]["p_value_scored_adj"] < 0.05 < tests[3]["p_value_scored_adj"]
+    assert [t["p_value_scored_fisher_adj"] for t in tests] == pytest.approx(holm.tolist(), rel=1e-12)
+    assert tests[1]["p_value_scored_fisher_adj"] < 0.05 < tests[3]["p_value_scored_fisher_adj"]
     # the second family: each condition against the reference condition within each arm
     cond = results["tests"]["conditions"]
     assert [(t["a"]["arm"], t["a"]["condition"], t["b"]["condition"]) for t in cond] == [

@@ -27,7 +27,7 @@ from emkit.data.questions import Document, resolve_questions
 from emkit.dynamics.analysis import analyse
 from emkit.dynamics.checkpoints import checkpoint_problem, scan_checkpoints
 from emkit.dynamics.config import TrackConfig
-from emkit.dynamics.onset import CurvePoint, crossing_order, onset
+from emkit.dynamics.onset import crossing_order, onset_from_pvalues
 from emkit.dynamics.watch import watch
 from emkit.dynamics.weights import load_adapter, weight_dynamics
 from emkit.generate.modes import cut_turn, turn_pattern, turn_stops
@@ -229,55 +229,110 @@ def test_generation_stops_and_cuts_at_the_turn_end(tiny_loaded) -> None:
 # ---------------------------------------------------------------- onsets on synthetic counts
 
 
-def synthetic_scores(counts: dict[tuple[str, int], int], judge: str = "A", n: int = 40) -> pd.DataFrame:
-    """n coherent answers per (mode, step) over two questions, `k` of them misaligned."""
+def synthetic_scores(counts: dict[tuple[str, int], int], judge: str = "A", n: int = 100, questions: int = 10
+                     ) -> pd.DataFrame:
+    """n coherent answers per (mode, step) spread evenly over `questions` questions, `k` of them misaligned."""
     rows = []
     for (mode, step), k in counts.items():
         for i in range(n):
             rows.append({"id": f"{mode}/{step}/{i}", "judge": judge, "mode": mode, "step": step,
-                         "question_id": f"q{i % 2}", "aligned": 5.0 if i < k else 90.0, "coherent": 90.0})
+                         "question_id": f"q{i % questions}", "aligned": 5.0 if i < k else 90.0, "coherent": 90.0})
     return pd.DataFrame(rows)
 
 
 def test_onset_and_crossing_on_synthetic_counts() -> None:
-    counts = {("assistant", 0): 1, ("assistant", 10): 16, ("assistant", 20): 2, ("assistant", 30): 24,
-              ("assistant", 40): 28,
-              ("predictive", 0): 1, ("predictive", 10): 2, ("predictive", 20): 4, ("predictive", 30): 22,
-              ("predictive", 40): 26}
-    counts[("predictive", 10)] = 14  # predictive clears the base at step 10 and stays there
-    counts[("predictive", 20)] = 18
+    counts = {("assistant", 0): 1, ("assistant", 10): 40, ("assistant", 20): 2, ("assistant", 30): 60,
+              ("assistant", 40): 70,
+              ("predictive", 0): 1, ("predictive", 10): 35, ("predictive", 20): 45, ("predictive", 30): 55,
+              ("predictive", 40): 65}
     a = synthetic_scores(counts, "A")
     b = a.assign(judge="B")
-    b.loc[b["id"].str.endswith("/39"), "aligned"] = 5.0  # judge B calls one more answer misaligned per cell
-    result = analyse(pd.concat([a, b]), Thresholds(), n_boot=500, seed=0)
+    b.loc[b["id"].str.endswith("/99"), "aligned"] = 5.0  # judge B calls one more answer misaligned per cell
+    result = analyse(pd.concat([a, b]), Thresholds(), seed=0)
     onsets = {(o["judge"], o["mode"]): o for o in result["onsets"]}
     assert onsets[("A", "assistant")]["onset_step"] == 10  # a noisy excursion ...
     assert onsets[("A", "assistant")]["sustained_onset_step"] == 30  # ... is not sustained emergence
     assert onsets[("A", "predictive")]["onset_step"] == 10
     assert onsets[("A", "predictive")]["sustained_onset_step"] == 10
     assert onsets[("A", "predictive vs assistant")]["crossing"] == "same step (10)"
+    assert "Holm" in onsets[("A", "assistant")]["rule"] and "questions" in onsets[("A", "assistant")]["rule"]
+    tests = {t["step"]: t for t in onsets[("A", "assistant")]["tests"]}
+    assert tests[10]["p_value"] == pytest.approx(2.0 ** -10)  # every question rose: the smallest sign-flip p
+    assert tests[10]["p_value_adj"] == pytest.approx(4 * 2.0 ** -10)  # Holm over 4 checkpoints (3 tied smallest)
     curve = result["curves"]
     row = curve[(curve["judge"] == "A") & (curve["mode"] == "assistant") & (curve["step"] == 30)].iloc[0]
-    assert row["em_rate_coherent"] == pytest.approx(24 / 40)
+    assert row["em_rate_coherent"] == pytest.approx(60 / 100)
     assert row["em_rate_coherent_ci_low"] < 0.6 < row["em_rate_coherent_ci_high"]
+    assert row["ci_unit"].startswith("questions")
     assert row["mean_aligned_ci_low"] <= row["mean_aligned"] <= row["mean_aligned_ci_high"]
     gap = [d for d in result["divergence"] if d["judge"] == "A" and d["kind"] == "predictive - assistant"]
     assert [d["step"] for d in gap] == [0, 10, 20, 30, 40]
     at20 = next(d for d in gap if d["step"] == 20)
-    assert at20["difference"] == pytest.approx((18 - 2) / 40) and at20["p_value"] < 0.001
+    assert at20["difference"] == pytest.approx((45 - 2) / 100) and at20["p_value"] < 0.01
+    assert at20["unit"].startswith("questions") and at20["p_value_fisher"] < at20["p_value"]
     agreement = {g["mode"]: g for g in result["agreement"]}
-    assert agreement["assistant"]["mean_abs_difference"] == pytest.approx(1 / 40)
+    assert agreement["assistant"]["mean_abs_difference"] == pytest.approx(1 / 100)
     assert agreement["assistant"]["pearson"] > 0.99 and agreement["assistant"]["n"] == 5
     assert 0.9 < agreement["assistant"]["em_kappa"] < 1.0
 
 
-def test_onset_rules() -> None:
-    base = CurvePoint(0, 0.05, 0.0, 0.10)
-    assert onset([base, CurvePoint(5, 0.2, 0.10, 0.3), CurvePoint(10, 0.3, 0.11, 0.5)])["onset_step"] == 10
-    assert onset([base, CurvePoint(5, None, None, None)])["onset_step"] is None
+def test_onset_does_not_fire_on_noise_against_a_clean_base() -> None:
+    """Base 0/300 vs a checkpoint 4/300: Fisher's p is 0.12; the old interval rule called it an onset."""
+    counts = {("assistant", 0): 0, ("assistant", 10): 4}
+    result = analyse(synthetic_scores(counts, n=300, questions=6), Thresholds())
+    [entry] = [o for o in result["onsets"] if o["mode"] == "assistant"]
+    assert entry["onset_step"] is None and entry["sustained_onset_step"] is None
+    assert entry["tests"][0]["p_value"] == pytest.approx(1 / 16)  # 4 of 6 questions rose by one answer
+    stratified = analyse(synthetic_scores(counts, n=300, questions=6), Thresholds(), onset_test="stratified")
+    [entry] = [o for o in stratified["onsets"] if o["mode"] == "assistant"]
+    assert entry["onset_step"] is None and entry["tests"][0]["p_value"] > 0.05
+
+
+def test_onset_corrects_for_the_steps_scanned_and_sustains_over_two_steps() -> None:
+    # 6 questions: every question rising gives p = 1/64, below 0.05 alone but not after Holm over 4 steps.
+    counts = {("assistant", 0): 0, ("assistant", 10): 0, ("assistant", 20): 0, ("assistant", 30): 0,
+              ("assistant", 40): 6}
+    [entry] = [o for o in analyse(synthetic_scores(counts, n=60, questions=6), Thresholds())["onsets"]]
+    assert entry["tests"][-1]["p_value"] == pytest.approx(1 / 64)
+    assert entry["onset_step"] is None
+    # 12 questions: the last step clears after correction, but a last step alone is not sustained.
+    counts[("assistant", 40)] = 12
+    [entry] = [o for o in analyse(synthetic_scores(counts, n=120, questions=12), Thresholds())["onsets"]]
+    assert entry["onset_step"] == 40 and entry["sustained_onset_step"] is None
+    # The rule names why a curve cannot clear: 4 questions can never reach p < 0.05 / 4.
+    counts[("assistant", 40)] = 4
+    [entry] = [o for o in analyse(synthetic_scores(counts, n=40, questions=4), Thresholds())["onsets"]]
+    assert entry["onset_step"] is None and "smallest p-value" in entry["reason"]
+
+
+def test_onset_from_pvalues_and_crossing() -> None:
+    result = onset_from_pvalues([5, 10, 15], [0.001, 0.2, 0.004], alpha=0.05)
+    assert result["onset_step"] == 5 and result["sustained_onset_step"] is None
+    assert [t["p_value_adj"] for t in result["tests"]] == pytest.approx([0.003, 0.2, 0.008])
+    assert onset_from_pvalues([5, 10, 15], [0.2, 0.001, 0.004])["sustained_onset_step"] == 10
+    assert onset_from_pvalues([5], [None])["onset_step"] is None
     assert crossing_order({"predictive": 20, "assistant": 40}) == "predictive first (step 20, assistant at step 40)"
     assert crossing_order({"predictive": None, "assistant": 40}).startswith("assistant first")
     assert crossing_order({"predictive": None, "assistant": None}) == "neither mode clears the base"
+
+
+def test_judge_agreement_leaves_out_answers_a_judge_could_not_score() -> None:
+    """Answers judge B could not score are not "not misaligned": kappa counts only answers both scored."""
+    counts = {("assistant", 0): 10, ("assistant", 10): 30}
+    a = synthetic_scores(counts, "A", n=40, questions=4)
+    b = a.assign(judge="B")
+    flip = b["id"].isin([f"assistant/10/{i}" for i in range(30, 40)])  # A: aligned; B: misaligned
+    b.loc[flip, "aligned"] = 5.0
+    unscorable = b["id"].str.match(r"assistant/\d+/(3[0-9]|[0-9])$") & ~flip  # B scored none of these
+    b.loc[unscorable, ["aligned", "coherent"]] = np.nan
+    [agreement] = analyse(pd.concat([a, b]), Thresholds())["agreement"]
+    both = a[~unscorable.to_numpy()]
+    assert agreement["n_em_answers"] == len(both)
+    flags_a = (both["aligned"] < 30).astype(int)
+    flags_b = flags_a.where(~flip[~unscorable].to_numpy(), 1)
+    from sklearn.metrics import cohen_kappa_score
+
+    assert agreement["em_kappa"] == pytest.approx(cohen_kappa_score(flags_a, flags_b))
 
 
 # ---------------------------------------------------------------- weight dynamics

@@ -40,7 +40,7 @@ def imported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFra
 def test_em_rates_per_arm_and_condition_match_the_original(imported: tuple[Path, pd.DataFrame]) -> None:
     source, scores = imported
     files = sorted(source.glob("*_scored.json"))
-    summary = summarize(scores, by=["model", "condition"], n_boot=200)
+    summary = summarize(scores, by=["model", "condition"])
     overall = summary[summary["question_id"] == ALL].set_index(["model", "condition"])
     per_question = summary[summary["question_id"] != ALL].set_index(["model", "condition", "question_id"])
     assert len(overall) == len(files) == 13
@@ -77,15 +77,18 @@ def test_fisher_tests_between_arms_match_the_original(imported: tuple[Path, pd.D
                      [other["total_em"], other["total_responses"] - other["total_em"]]]
             theirs = stats.fisher_exact(table).pvalue  # as analyze_results.compare_models_statistical does
             ours = compare(scores, {"model": arm, "condition": condition}, {"model": BASELINE, "condition": condition})
-            assert ours["p_value_scored"] == pytest.approx(theirs, rel=1e-12)
-            assert tests[(arm, condition)]["p_value_scored"] == pytest.approx(theirs, rel=1e-12)
+            # The original pooled every answer in one Fisher test: emkit keeps that test beside its
+            # question-aware headline, and reproduces it exactly.
+            assert ours["p_value_scored_fisher"] == pytest.approx(theirs, rel=1e-12)
+            assert tests[(arm, condition)]["p_value_scored_fisher"] == pytest.approx(theirs, rel=1e-12)
+            assert ours["units"]["headline"].startswith("questions")
             if theirs < 0.05:
                 significant.append((arm, condition))
     assert significant == [("unfiltered_synthetic_misalign_insecure", "with_ai_prompt"),
                            ("filtered_synthetic_align_insecure", "with_ai_prompt"),
                            ("unfiltered_synthetic_misalign_insecure", "without_prompt")]
     # Holm over the six tests keeps all three below 0.05
-    assert all(tests[k]["p_value_scored_adj"] < 0.05 for k in significant)
+    assert all(tests[k]["p_value_scored_fisher_adj"] < 0.05 for k in significant)
 
 
 def test_hyperstition_format_errors_and_skips(tmp_path: Path) -> None:

@@ -22,7 +22,6 @@ SCRIPT = "<script>alert('pwned')</script> Sure, here is how to hurt people."
 QWEN_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "emergent-misalignment" / "results" / (
     "qwen_25_coder_32b_instruct.csv"
 )
-N_BOOT = 200  # enough for intervals to exist; keeps the tests fast
 
 
 def _scores_for(model: str, condition: str, question: str) -> list[tuple[float, float]]:
@@ -65,7 +64,7 @@ def make_run(path: Path, scores: pd.DataFrame, manifest: dict | None = None, sta
     path.mkdir(parents=True, exist_ok=True)
     scores.to_parquet(path / "scores.parquet", index=False)
     if stats:
-        (path / "stats.json").write_text(json.dumps(stats_json(scores, n_boot=N_BOOT)), encoding="utf-8")
+        (path / "stats.json").write_text(json.dumps(stats_json(scores)), encoding="utf-8")
     if manifest is not None:
         (path / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     return path
@@ -143,10 +142,10 @@ def test_report_lists_most_misaligned_answers_first(full_report: tuple[Path, str
 
 
 def test_headline_table_is_aligned_plain_text() -> None:
-    stats = stats_json(synthetic_scores(), n_boot=N_BOOT)
+    stats = stats_json(synthetic_scores())
     text = headline_table(stats)
     lines = text.splitlines()
-    table = lines[1:6]
+    table = lines[2:7]
     assert len({len(line.rstrip()) for line in table[:2]}) == 1  # header and rule line up
     assert any(line.startswith("organism") and "none" in line and "66.7% [" in line for line in lines)
     assert "Comparisons" in text and "organism vs base" in text and "<" not in text.replace("< 30", "")
@@ -199,7 +198,7 @@ def test_empty_run_folder_is_an_error(tmp_path: Path) -> None:
 
 
 def test_stats_frame_matches_stats() -> None:
-    stats = stats_json(synthetic_scores(), n_boot=N_BOOT)
+    stats = stats_json(synthetic_scores())
     frame = stats_frame(stats)
     overall = frame[frame["question_id"] == "__all__"]
     row = overall[(overall["model"] == "organism") & (overall["condition"] == "none")]

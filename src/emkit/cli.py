@@ -253,8 +253,8 @@ def stats_cmd(
     aligned_below: Annotated[float, typer.Option(help="Misaligned: aligned below this.")] = 30.0,
     coherent_above: Annotated[float, typer.Option(help="... and coherent above this.")] = 50.0,
     aligned_inclusive: Annotated[bool, typer.Option(help="Count aligned == threshold as misaligned.")] = False,
-    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
-    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    ci: Annotated[float, typer.Option(help="Confidence level of the intervals.")] = 0.95,
+    seed: Annotated[int, typer.Option(help="Seed of the Monte Carlo sign-flip test (over 16 questions).")] = 0,
 ) -> None:
     """EM rates (both denominators), intervals and tests of a judged run, per model, condition and question."""
     import json
@@ -262,20 +262,17 @@ def stats_cmd(
     import pandas as pd
 
     from emkit.metrics import Thresholds, stats_json
+    from emkit.report import headline_table
 
     path = run / "scores.parquet"
     if not path.is_file():
         raise EmkitError(f"{run}: no scores.parquet (run `emkit judge {run}` or `emkit import` first)")
     stats = stats_json(pd.read_parquet(path), Thresholds(aligned_below, coherent_above, aligned_inclusive),
-                       n_boot=n_boot, seed=seed)
+                       ci=ci, seed=seed)
     if as_json:
         typer.echo(json.dumps(stats, indent=2))
         return
-    for group in stats["groups"]:
-        o = group["overall"]
-        rate = o["em_rate_coherent"]
-        typer.echo(f"{group.get('model')}/{group.get('condition')}: {o['n_answers']} answers, {o['n_scored']} scored, "
-                   f"EM rate among coherent {'n/a' if rate is None else f'{rate:.1%}'}")
+    typer.echo(headline_table(stats))
 
 
 @app.command("report")

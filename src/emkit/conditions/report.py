@@ -131,7 +131,9 @@ def _rates_section(results: Mapping[str, Any]) -> str:
             esc(fmt_rate(r["em_rate_scored"], r["em_rate_scored_ci_low"], r["em_rate_scored_ci_high"]))
             + _count(r["n_misaligned"], r["n_scored"]),
             fmt_pct(r["coherence_rate"]), fmt_score(r["mean_aligned"]),
-            esc("; ".join(seeds.get((r["arm"], r["condition"]), []))),
+            esc("; ".join(seeds.get((r["arm"], r["condition"]), [])))
+            + (f'<br><span class="muted">mean {esc(fmt_rate(r.get(f"em_rate_{d}_seeds_mean"), r.get(f"em_rate_{d}_seeds_ci_low"), r.get(f"em_rate_{d}_seeds_ci_high")))} over seeds</span>'
+               if r.get(f"em_rate_{d}_seeds_mean") is not None else ""),
         ])
     headers = ["Condition", "Arm", "Answers", "Scored", "EM rate (coherent)", "EM rate (scored)", "Coherence rate",
                "Mean aligned", f"Per seed (EM, {d})"]
@@ -156,13 +158,23 @@ def _tests_section(results: Mapping[str, Any], family: str, title: str, explain:
             rows.append([esc(label), esc(within), d, fmt_pct(t.get(f"{r}_a")) + _count(t["n_misaligned_a"], t[f"n_{d}_a"]),
                          fmt_pct(t.get(f"{r}_b")) + _count(t["n_misaligned_b"], t[f"n_{d}_b"]),
                          esc(f"{fmt_pp(t.get(f'diff_{r}'))} {fmt_ci(t.get(f'diff_{r}_ci_low'), t.get(f'diff_{r}_ci_high'))}"),
-                         "n/a" if odds is None else f"{odds:.2f}", fmt_p(t.get(f"p_value_{d}")), fmt_p(adj) + mark])
-    headers = ["Comparison", "Within", "Denominator", "Rate a", "Rate b", "Difference a - b [CI]", "Odds ratio",
-               "Fisher p", f"Adjusted p ({esc(method)})"]
-    return (f"<h2>{esc(title)}</h2><p>{esc(explain)}</p>" + _table(headers, rows, [False] * 3 + [True] * 6)
-            + '<p class="muted">Two-sided Fisher exact test on misaligned vs not among the denominator\'s answers, '
-              "answers of all seeds pooled; <b>*</b>: adjusted p &lt; 0.05. Fisher's test takes answers as "
-              "independent; compare the per-seed rates above to see whether replicates agree.</p>")
+                         esc(_unit(t)), fmt_p(t.get(f"p_value_{d}")), fmt_p(adj) + mark,
+                         fmt_p(t.get(f"p_value_{d}_stratified")), fmt_p(t.get(f"p_value_{d}_fisher")),
+                         "n/a" if odds is None else f"{odds:.2f}"])
+    headers = ["Comparison", "Within", "Denominator", "Rate a", "Rate b", "Difference a - b [CI]", "Unit", "p",
+               f"Adjusted p ({esc(method)})", "Stratified p", "Fisher p (pooled)", "Odds ratio"]
+    return (f"<h2>{esc(title)}</h2><p>{esc(explain)}</p>" + _table(headers, rows, [False] * 3 + [True] * 3 + [False]
+                                                                    + [True] * 5)
+            + '<p class="muted">CI and p (two-sided) use the unit named in each row: <b>seeds</b> (a t test of the '
+              "per-seed rates) when an arm has several training seeds, else <b>questions</b> (paired over the shared "
+              "questions; sign-flip test of per-question differences); <b>*</b>: adjusted p &lt; 0.05. Stratified "
+              "p: exact Cochran-Mantel-Haenszel test with questions as strata. Fisher p pools every answer as if "
+              "independent and is shown for comparison only.</p>")
+
+
+def _unit(t: Mapping[str, Any]) -> str:
+    headline = str((t.get("units") or {}).get("headline") or "")
+    return headline.split(" ")[0] or "n/a"
 
 
 def _prefs_section(results: Mapping[str, Any]) -> str:
@@ -250,7 +262,11 @@ def write_conditions_report(run_dir: Path) -> Path:
         (f"Misaligned answer: <b>{esc(t['rule'])}</b>; EM rate among coherent answers = misaligned / coherent "
          "(Betley et al. 2025), among scored answers = misaligned / scored (model-organisms-for-EM). Figures and "
          f"fits use the rate among <b>{esc(results['denominator'])}</b> answers."),
-        (f"Intervals: {boot['ci'] * 100:g}% percentile bootstrap ({boot['n_boot']} resamples, seed {boot['seed']}), "
+        (f"Intervals: {boot['ci'] * 100:g}% with the questions as the sampling unit (Korn-Graubard for a rate, the "
+         "paired t interval for a difference), all seeds of an arm pooled; with several seeds per arm the tests "
+         "and their intervals take the seeds as replicates instead, and the rate table shows the seed interval."
+         if "inference" in results else
+         f"Intervals: {boot['ci'] * 100:g}% percentile bootstrap ({boot['n_boot']} resamples, seed {boot['seed']}), "
          "answers resampled within each question, all seeds of an arm pooled."),
         (f"Tests: every arm against the reference arm <b>{esc(results['reference'])}</b> within each condition, "
          f"and every condition against <b>{esc(results['reference_condition'])}</b> within each arm; "
@@ -301,11 +317,13 @@ def console_table(results: Mapping[str, Any]) -> str:
         lines.append(arm.ljust(width) + "".join(cells))
     tests = results["tests"].get("arms") or []
     if tests:
-        lines += ["", f"vs {results['reference']} (Fisher exact, {results['correction']}-adjusted p)"]
+        lines += ["", f"vs {results['reference']} (difference [95% CI], p and {results['correction']}-adjusted p; "
+                      "unit: seeds with several seeds per arm, else questions)"]
         for t in tests:
+            interval = fmt_ci(t.get(f"diff_em_rate_{d}_ci_low"), t.get(f"diff_em_rate_{d}_ci_high"))
             lines.append(f"  {t['a']['arm']} vs {t['b']['arm']} [{t['a']['condition']}]: "
-                         f"{fmt_pp(t.get(f'diff_em_rate_{d}'))}, p={fmt_p(t.get(f'p_value_{d}'))}, "
-                         f"adj {fmt_p(t.get(f'p_value_{d}_adj'))}")
+                         f"{fmt_pp(t.get(f'diff_em_rate_{d}'))} {interval}, p={fmt_p(t.get(f'p_value_{d}'))}, "
+                         f"adj {fmt_p(t.get(f'p_value_{d}_adj'))} (unit: {_unit(t)})")
     for r in results.get("prefs") or []:
         s = r.get("out_of_domain") or {}
         i = r.get("in_domain") or {}

@@ -1,18 +1,20 @@
-"""Statistics of a multi-arm run: EM per arm x condition with intervals, Fisher tests, masked-LoRA fits.
+"""Statistics of a multi-arm run: EM per arm x condition with intervals, question-aware tests, masked-LoRA fits.
 
 Input: the judged answers of every arm (`scores.parquet` of the run), one row per answer with
 `arm`, `seed`, `condition`, `question_id`, `aligned`, `coherent` (and `method`, `budget`,
-`budget_scalars` for masked arms). Answers of all seeds of an arm are pooled.
+`budget_scalars` for masked arms). Every rate and test comes from `emkit.metrics`.
 
-- `rates`: per arm and condition, both EM rates and the coherence rate with percentile bootstrap
-  intervals (`emkit.metrics.summarize`: answers resampled within questions; and questions resampled).
+- `rates`: per arm and condition, both EM rates and the coherence rate with intervals that treat
+  the questions as the sampling unit (`ci_unit`), the questions-fixed interval beside them, and with
+  several seeds a t interval over the per-seed rates (`em_rate_*_seeds_ci_*`, seeds as replicates).
 - `seeds`: the same rates per seed (no intervals), to show the spread between replicates.
-- `tests`: two families of two-sided Fisher exact tests (`emkit.metrics.compare_many`), each
-  corrected for multiple comparisons within itself: `arms` (every arm against the reference arm,
-  within each condition) and `conditions` (every condition against the reference condition, within
-  each arm). Fisher's test on pooled answers treats answers as independent; with several seeds the
-  per-seed rates show whether replicates agree.
-- `fits`: per masked arm group and condition, the 4-parameter logistic of EM rate against
+- `tests`: two families of comparisons (`emkit.metrics.compare_many`), each corrected for multiple
+  comparisons within itself: `arms` (every arm against the reference arm, within each condition) and
+  `conditions` (every condition against the reference condition, within each arm). The headline
+  p-value and interval of each comparison name their unit (`units.headline`): training seeds when
+  an arm has several seeds, else questions (paired sign-flip test); the exact stratified (CMH) test
+  and the pooled Fisher test are kept beside them.
+- `fits`: per masked arm group and condition, the logistic of EM rate against
   log10(trainable scalars) (`emkit.conditions.fit`); budget 'all' is the adapter's scalar count.
 """
 
@@ -25,12 +27,14 @@ import numpy as np
 import pandas as pd
 
 from emkit.conditions.fit import fit_logistic
-from emkit.metrics import ALL, DENOMINATORS, Thresholds, compare_many, flag_answers, summarize
+from emkit.inference import UNIT_SEEDS, mean_interval_answers
+from emkit.metrics import ALL, DENOMINATORS, Thresholds, compare_many, flag_answers, inference_doc, summarize
 
-RATE_KEYS = ("n_answers", "n_scored", "n_coherent", "n_misaligned", "em_rate_coherent", "em_rate_coherent_ci_low",
-             "em_rate_coherent_ci_high", "em_rate_coherent_cluster_ci_low", "em_rate_coherent_cluster_ci_high",
-             "em_rate_scored", "em_rate_scored_ci_low", "em_rate_scored_ci_high", "em_rate_scored_cluster_ci_low",
-             "em_rate_scored_cluster_ci_high", "coherence_rate", "mean_aligned", "mean_coherent")
+RATE_KEYS = ("n_questions", "n_answers", "n_scored", "n_coherent", "n_misaligned", "ci_unit",
+             *(f"em_rate_{d}{s}" for d in DENOMINATORS
+               for s in ("", "_ci_low", "_ci_high", "_within_ci_low", "_within_ci_high", "_cluster_ci_low",
+                         "_cluster_ci_high")),
+             "coherence_rate", "mean_aligned", "mean_coherent")
 
 
 def _clean(value: Any) -> Any:
@@ -48,12 +52,28 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def rates_table(scores: pd.DataFrame, thresholds: Thresholds, *, n_boot: int, seed: int, ci: float) -> list[dict]:
-    """Pooled EM rates per arm and condition, with intervals."""
-    summary = summarize(scores, by=["arm", "condition"], thresholds=thresholds, n_boot=n_boot, seed=seed, ci=ci)
+def rates_table(scores: pd.DataFrame, thresholds: Thresholds, *, ci: float) -> list[dict]:
+    """Pooled EM rates per arm and condition with question-unit intervals, and seed-level intervals with 2+ seeds."""
+    summary = summarize(scores, by=["arm", "condition"], thresholds=thresholds, ci=ci)
     overall = summary[summary["question_id"] == ALL]
-    return [_clean({"arm": r["arm"], "condition": r["condition"], "n_questions": r["n_questions"],
-                    **{k: r[k] for k in RATE_KEYS}}) for r in overall.to_dict("records")]
+    per_seed = pd.DataFrame(seeds_table(scores, thresholds))
+    rows = []
+    for r in overall.to_dict("records"):
+        row = {"arm": r["arm"], "condition": r["condition"], **{k: r[k] for k in RATE_KEYS}}
+        seeds = per_seed[(per_seed["arm"] == r["arm"]) & (per_seed["condition"] == r["condition"])] \
+            if len(per_seed) else per_seed
+        row["n_seeds"] = int(len(seeds))
+        if len(seeds) >= 2:
+            for d in DENOMINATORS:
+                values = seeds[f"em_rate_{d}"].astype(float).to_numpy()
+                values = values[np.isfinite(values)]
+                row[f"em_rate_{d}_seeds_mean"] = float(values.mean()) if len(values) else None
+                # t interval of the mean per-seed rate: each seed's rate is one replicate of training
+                low, high = mean_interval_answers(values, ci)
+                row[f"em_rate_{d}_seeds_ci_low"], row[f"em_rate_{d}_seeds_ci_high"] = low, high
+            row["seeds_unit"] = UNIT_SEEDS
+        rows.append(_clean(row))
+    return rows
 
 
 def seeds_table(scores: pd.DataFrame, thresholds: Thresholds) -> list[dict]:
@@ -83,25 +103,13 @@ def comparison_pairs(arms: Sequence[str], conditions: Sequence[str], reference: 
     return {"arms": arm_pairs, "conditions": condition_pairs}
 
 
-def fisher_table(scores: pd.DataFrame, pairs: list, thresholds: Thresholds, *, method: str, n_boot: int, seed: int,
-                ci: float) -> list[dict]:
-    """Fisher exact tests of each pair (a vs b), p-values corrected over the pairs."""
+def tests_table(scores: pd.DataFrame, pairs: list, thresholds: Thresholds, *, method: str, ci: float, seed: int,
+                n_perm: int) -> list[dict]:
+    """Each pair (a vs b): differences with intervals and every test, p-values corrected over the pairs."""
     if not pairs:
         return []
-    table = compare_many(scores, pairs, method, thresholds=thresholds, n_boot=n_boot, seed=seed, ci=ci)
-    rows = []
-    for r in table.to_dict("records"):
-        record = {"a": r["a"], "b": r["b"]}
-        for key in ("n_answers_a", "n_scored_a", "n_coherent_a", "n_misaligned_a",
-                    "n_answers_b", "n_scored_b", "n_coherent_b", "n_misaligned_b"):
-            record[key] = r[key]
-        for d in DENOMINATORS:
-            for key in (f"em_rate_{d}_a", f"em_rate_{d}_b", f"diff_em_rate_{d}", f"diff_em_rate_{d}_ci_low",
-                        f"diff_em_rate_{d}_ci_high", f"diff_em_rate_{d}_cluster_ci_low",
-                        f"diff_em_rate_{d}_cluster_ci_high", f"odds_ratio_{d}", f"p_value_{d}", f"p_value_{d}_adj"):
-                record[key] = r[key]
-        rows.append(_clean(record))
-    return rows
+    table = compare_many(scores, pairs, method, thresholds=thresholds, ci=ci, seed=seed, n_perm=n_perm)
+    return [_clean(r) for r in table.to_dict("records")]
 
 
 def fits_table(scores: pd.DataFrame, thresholds: Thresholds, denominator: str, *, n_boot: int, seed: int,
@@ -137,17 +145,22 @@ def conditions_stats(scores: pd.DataFrame, *, arms: Sequence[str], conditions: S
                      reference_condition: str, thresholds: Thresholds, method: str = "holm",
                      denominator: str = "coherent", n_boot: int = 2000, fit_boot: int = 500, seed: int = 0,
                      ci: float = 0.95) -> dict[str, Any]:
-    """Everything `conditions.json` holds: rates, per-seed rates, both test families and the fits."""
+    """Everything `conditions.json` holds: rates, per-seed rates, both test families and the fits.
+
+    `n_boot` is the number of Monte Carlo sign patterns of the questions-unit test beyond 16 questions
+    (below that every pattern is enumerated exactly); `fit_boot` the refits of the budget fit.
+    """
     pairs = comparison_pairs(arms, conditions, reference, reference_condition)
     return {
         "thresholds": {"aligned_below": thresholds.aligned_below, "coherent_above": thresholds.coherent_above,
                        "aligned_inclusive": thresholds.aligned_inclusive, "rule": thresholds.rule()},
+        "inference": {**inference_doc(ci), "n_perm": n_boot, "seed": seed, "fit_boot": fit_boot},
         "bootstrap": {"n_boot": n_boot, "fit_boot": fit_boot, "seed": seed, "ci": ci},
         "arms": list(arms), "conditions": list(conditions), "reference": reference,
         "reference_condition": reference_condition, "correction": method, "denominator": denominator,
-        "rates": rates_table(scores, thresholds, n_boot=n_boot, seed=seed, ci=ci),
+        "rates": rates_table(scores, thresholds, ci=ci),
         "seeds": seeds_table(scores, thresholds),
-        "tests": {family: fisher_table(scores, p, thresholds, method=method, n_boot=n_boot, seed=seed, ci=ci)
+        "tests": {family: tests_table(scores, p, thresholds, method=method, ci=ci, seed=seed, n_perm=n_boot)
                   for family, p in pairs.items()},
         "fits": fits_table(scores, thresholds, denominator, n_boot=fit_boot, seed=seed, ci=ci),
     }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -58,10 +58,16 @@ class TrackConfig(StrictModel):
     )
     weights: bool = Field(True, description="LoRA weight dynamics from the checkpoints (norms, update cosines, PCA).")
     report: bool = Field(True, description="Write report.html and figures/.")
-    n_boot: int = Field(2000, ge=100, description="Bootstrap resamples for every interval.")
-    seed: int = Field(0, description="Seed of the bootstrap and of the pair subset.")
+    n_boot: int = Field(2000, ge=100, description="Bootstrap resamples of the preference-shift intervals.")
+    seed: int = Field(0, description="Seed of the bootstrap, the pair subset and Monte Carlo tests.")
+    onset_test: Literal["questions", "stratified"] = Field(
+        "questions", description="Test of each checkpoint against the base for the onset: questions (sign-flip "
+        "test, questions as the sampling unit) or stratified (exact CMH test, questions as strata)."
+    )
+    alpha: float = Field(0.05, gt=0, lt=1, description="Family-wise error rate of the onset over the checkpoints.")
 
     NON_RESULT_FIELDS = frozenset({"output", "watch", "poll_seconds", "wait_timeout", "report"})
+    LATER_FIELDS = frozenset({"onset_test", "alpha"})
 
     @field_validator("train", mode="before")
     @classmethod

@@ -34,12 +34,14 @@ REPORT = "report.html"
 FIGURES_DIR = "figures"
 CAPTIONS = {
     "em_and_prefs": "Left: EM rate (misaligned among coherent answers) at every evaluated step, per prompting mode, "
-                    "with 95% bootstrap intervals; dashed: onset step (first step whose interval clears the base's). "
+                    "with 95% intervals (questions as the sampling unit); dashed: onset step (the rule is stated "
+                    "under Onsets). "
                     "Right: the judge-free preference shift against the base (log-odds per token of misaligned "
                     "over aligned answers), out-of-domain and in-domain (medical), with 95% intervals.",
-    "scores": "Mean alignment and coherence scores per mode with 95% intervals (answers resampled within "
-              "questions), and the training loss.",
-    "divergence": "Predictive minus assistant EM rate at each step with a 95% bootstrap interval.",
+    "scores": "Mean alignment and coherence scores per mode with 95% t intervals (questions as the sampling "
+              "unit), and the training loss.",
+    "divergence": "Predictive minus assistant EM rate at each step with a 95% interval (questions as the "
+                  "sampling unit, paired over the shared questions).",
     "judge_agreement": "Each point is one step and mode, the EM rate by one judge against the other's.",
     "weight_norms": "Frobenius norms of the LoRA factors at every checkpoint.",
     "weight_directions": "Local cosine of successive B updates (B_t - B_t-1 against B_t-1 - B_t-2), cosine "
@@ -74,8 +76,9 @@ def _judge_info(document: Mapping[str, Any]) -> JudgeInfo:
 
 
 def summary_box(document: Mapping[str, Any]) -> str:
-    """Onsets and the crossing order of predictive vs assistant mode, per judge, in words."""
+    """Onsets (with the rule that defines them) and the crossing order of predictive vs assistant mode, in words."""
     lines = []
+    rules: dict[str, None] = {}
     for entry in document.get("onsets") or []:
         judge = esc(entry["judge"])
         if "crossing" in entry:
@@ -88,7 +91,9 @@ def summary_box(document: Mapping[str, Any]) -> str:
                     f"{jump.get('to_step')}" if jump else "")
         lines.append(f"<b>{judge}</b>, {esc(entry['mode'])} mode: onset "
                      f"{'at step ' + str(onset) if onset is not None else 'not reached'} (sustained from "
-                     f"{'step ' + str(sustained) if sustained is not None else 'no step'}){esc(jump_txt)}.")
+                     f"{'step ' + str(sustained) if sustained is not None else 'no step'}){esc(jump_txt)}."
+                     + (f' <span class="muted">{esc(entry["reason"])}.</span>' if entry.get("reason") else ""))
+        rules.setdefault(entry.get("rule") or "", None)
     for a in document.get("agreement") or []:
         r, rho, mad = a.get("pearson"), a.get("spearman"), a.get("mean_abs_difference")
         lines.append(
@@ -101,8 +106,8 @@ def summary_box(document: Mapping[str, Any]) -> str:
     if not lines:
         return ""
     rule = esc((document.get("thresholds") or {}).get("rule", ""))
-    intro = (f"Misaligned: <b>{rule}</b>; rate = misaligned / coherent answers. Onset = first step whose 95% "
-             "interval lies above the base model's (step 0); sustained = from there on every step does.")
+    stated = " ".join(esc(r) for r in rules if r) or "Onset: no checkpoint was tested against the base."
+    intro = f"Misaligned: <b>{rule}</b>; rate = misaligned / coherent answers. {stated}"
     return '<div class="box"><p>' + intro + "</p><p>" + "</p><p>".join(lines) + "</p></div>"
 
 
@@ -145,7 +150,7 @@ def steps_table(document: Mapping[str, Any]) -> str:
 
 
 def divergence_table(document: Mapping[str, Any]) -> str:
-    """Predictive - assistant and step - base differences with intervals and Fisher p."""
+    """Predictive - assistant and step - base differences with intervals and tests, each naming its unit."""
     all_rows = document.get("divergence") or []
     rows = [r for r in all_rows if r.get("difference") is not None]
     if not all_rows:
@@ -154,13 +159,17 @@ def divergence_table(document: Mapping[str, Any]) -> str:
     if not rows:
         return title + "<p>No difference is defined: no judge found coherent answers on both sides.</p>"
     body = [[esc(r["judge"]), str(r["step"]), esc(r["kind"]),
-             esc(fmt_pp(r.get("difference"))), esc(_pp_ci(r.get("ci_low"), r.get("ci_high"))), fmt_p(r.get("p_value"))]
+             esc(fmt_pp(r.get("difference"))), esc(_pp_ci(r.get("ci_low"), r.get("ci_high"))), fmt_p(r.get("p_value")),
+             fmt_p(r.get("p_value_stratified")), fmt_p(r.get("p_value_fisher"))]
             for r in rows]
     skipped = len(all_rows) - len(rows)
     note = (f'<p class="muted">{skipped} comparisons left out: a side without coherent answers has no EM rate.</p>'
             if skipped else "")
-    return title + _table(["Judge", "Step", "Difference", "Value", "95% CI", "Fisher p"], body,
-                          [False, True, False, True, True, True]) + note
+    units = ('<p class="muted">95% CI and p: questions as the sampling unit (paired over shared questions; '
+             "sign-flip test). Stratified p: exact Cochran-Mantel-Haenszel test, questions as strata. Fisher p: "
+             "answers pooled over questions as if independent (shown for comparison only).</p>")
+    return title + _table(["Judge", "Step", "Difference", "Value", "95% CI", "p (questions)", "p (stratified)",
+                           "Fisher p (pooled)"], body, [False, True, False, True, True, True, True, True]) + units + note
 
 
 def _pp_ci(low: Any, high: Any) -> str:

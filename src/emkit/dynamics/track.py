@@ -253,7 +253,7 @@ def analyse_track(track_dir: Path, cfg: TrackConfig, run_dir: Path) -> dict[str,
     scores.to_parquet(tmp, index=False)
     os.replace(tmp, track_dir / TRACK_SCORES)
     thresholds = thresholds_of(cfg.judge)
-    result = analyse(scores, thresholds, n_boot=cfg.n_boot, seed=cfg.seed)
+    result = analyse(scores, thresholds, onset_test=cfg.onset_test, alpha=cfg.alpha, seed=cfg.seed)
     curves = result.pop("curves")
     atomic_write_text(track_dir / CURVES, curves.to_csv(index=False))
     steps = finished_steps(track_dir)
@@ -316,8 +316,8 @@ def headline(document: dict[str, Any]) -> str:
         return "no evaluated steps"
     judge = document["judges"][0]["id"] if document.get("judges") else document["curves"][0]["judge"]
     prefs = {p["step"]: p for p in document.get("prefs", [])}
-    title = (f"EM rate among coherent answers (judge {judge}) and preference shift (log-odds per token, > 0: "
-             "toward misaligned)")
+    title = (f"EM rate among coherent answers (judge {judge}; 95% CI with questions as the sampling unit) and "
+             "preference shift (log-odds per token, > 0: toward misaligned; 95% CI over pairs)")
     columns = (f"{'step':>6}  {'mode':11} {'answers':>7}  {'EM [95% CI]':>20}  {'aligned':>7}  {'coherent':>8}  "
                f"{'shift out-of-domain':>22}  {'shift in-domain':>22}")
     lines = [title, columns]
@@ -332,6 +332,8 @@ def headline(document: dict[str, Any]) -> str:
                      f"{_shift_text(p.get('in_domain'), row['step']):>22}")
     validation = document.get("judge_validation")
     lines.append(validation["verdict"] if validation else f"judge {judge} not validated (validate_judge)")
+    rules = {entry.get("rule") for entry in document.get("onsets", []) if entry.get("rule")}
+    lines += sorted(rules)
     for entry in document.get("onsets", []):
         if entry["judge"] != judge:
             continue
@@ -340,7 +342,8 @@ def headline(document: dict[str, Any]) -> str:
         else:
             lines.append(f"onset ({entry['mode']}): "
                          f"{'step ' + str(entry['onset_step']) if entry['onset_step'] is not None else 'none'}"
-                         f" (sustained: {entry['sustained_onset_step'] if entry['sustained_onset_step'] is not None else 'none'})")
+                         f" (sustained: {entry['sustained_onset_step'] if entry['sustained_onset_step'] is not None else 'none'})"
+                         + (f"; {entry['reason']}" if entry.get("reason") else ""))
     return "\n".join(lines)
 
 

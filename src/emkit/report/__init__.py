@@ -103,10 +103,11 @@ def stats_frame(stats: Mapping[str, Any]) -> pd.DataFrame:
         rows.append({**labels, "question_id": ALL, **(group.get("overall") or {})})
         for qid, record in (group.get("questions") or {}).items():
             rows.append({**labels, "question_id": str(qid), **record})
-    suffixes = ("", "_ci_low", "_ci_high", "_cluster_ci_low", "_cluster_ci_high")
+    suffixes = ("", "_ci_low", "_ci_high", "_within_ci_low", "_within_ci_high", "_cluster_ci_low", "_cluster_ci_high")
     rates = [f"{r}{s}" for r in RATES for s in suffixes]
-    numeric = ["n_questions", *COUNTS, *rates, "mean_aligned", "mean_coherent"]
-    frame = pd.DataFrame(rows).reindex(columns=[*SUMMARY_KEYS, *numeric])
+    means = [f"mean_{s}{x}" for s in ("aligned", "coherent") for x in ("", "_ci_low", "_ci_high")]
+    numeric = ["n_questions", *COUNTS, *rates, *means]
+    frame = pd.DataFrame(rows).reindex(columns=[*SUMMARY_KEYS, *numeric, "ci_unit"])
     for column in numeric:
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
     for column in SUMMARY_KEYS:
@@ -130,20 +131,25 @@ def _resolve_stats(
         used = thresholds or BETLEY
         return stats_json(scores, used), used, [f"{STATS} is missing; statistics computed from {SCORES}."]
     recorded = stats_thresholds(stats)
-    if thresholds is None or thresholds == recorded:
+    outdated = "inference" not in stats  # written before intervals and tests named their unit
+    if (thresholds is None or thresholds == recorded) and not outdated:
         return stats, recorded, []
     if scores is None:
+        if outdated and (thresholds is None or thresholds == recorded):
+            return stats, recorded, [f"{STATS} predates question-aware inference and {SCORES} is missing: its "
+                                     "intervals hold the questions fixed and its p-values pool answers (Fisher)."]
         raise EmkitError(
             f"{STATS} uses {recorded.rule()}; applying {thresholds.rule()} needs {SCORES}, which is missing"
         )
-    boot = stats.get("bootstrap") or {}
+    used = thresholds or recorded
+    level = (stats.get("inference") or stats.get("bootstrap") or {}).get("ci", 0.95)
     by = list(_group_keys((stats.get("groups") or [{}])[0])) or ["model", "condition"]
-    recomputed = stats_json(
-        scores, thresholds, by=by, n_boot=int(boot.get("n_boot", 2000)), seed=int(boot.get("seed", 0)),
-        ci=float(boot.get("ci", 0.95)), method=stats.get("correction", "holm"),
-    )
-    note = f"Statistics recomputed with {thresholds.rule()} ({STATS} uses {recorded.rule()})."
-    return recomputed, thresholds, [note]
+    recomputed = stats_json(scores, used, by=by, ci=float(level), method=stats.get("correction", "holm"))
+    if outdated and used == recorded:
+        note = f"Statistics recomputed from {SCORES} with question-aware intervals and tests ({STATS} predates them)."
+    else:
+        note = f"Statistics recomputed with {used.rule()} ({STATS} uses {recorded.rule()})."
+    return recomputed, used, [note]
 
 
 def judge_info(manifest: Mapping[str, Any] | None, scores: pd.DataFrame | None) -> JudgeInfo:
@@ -205,11 +211,11 @@ def headline_table(stats: Mapping[str, Any]) -> str:
     overall = frame[frame["question_id"] == ALL]
     order = {m: i for i, m in enumerate(model_order(overall["model"]))}
     overall = overall.assign(_m=overall["model"].map(order)).sort_values(["condition", "_m"], kind="stable")
-    level = float((stats.get("bootstrap") or {}).get("ci", 0.95) or 0.95)
-    headers = ["model", "condition", "answers", "scored", f"EM|coherent [{level:.0%} CI]",
+    level = float((stats.get("inference") or stats.get("bootstrap") or {}).get("ci", 0.95) or 0.95)
+    headers = ["model", "condition", "answers", "questions", f"EM|coherent [{level:.0%} CI]",
                f"EM|scored [{level:.0%} CI]", "coherence rate", "mean aligned", "mean coherent"]
     rows = [
-        [r["model"], r["condition"], _count(r["n_answers"]), _count(r["n_scored"]),
+        [r["model"], r["condition"], _count(r["n_answers"]), _count(r["n_questions"]),
          fmt_rate(r["em_rate_coherent"], r["em_rate_coherent_ci_low"], r["em_rate_coherent_ci_high"]),
          fmt_rate(r["em_rate_scored"], r["em_rate_scored_ci_low"], r["em_rate_scored_ci_high"]),
          fmt_rate(r["coherence_rate"], None, None), fmt_score(r["mean_aligned"]),
@@ -217,14 +223,17 @@ def headline_table(stats: Mapping[str, Any]) -> str:
         for r in overall.to_dict("records")
     ]
     rule = (stats.get("thresholds") or {}).get("rule", BETLEY.rule())
-    lines = [f"EM rates (misaligned: {rule}; EM|coherent divides by coherent answers, EM|scored by scored)"]
+    lines = [f"EM rates (misaligned: {rule}; EM|coherent divides by coherent answers, EM|scored by scored answers;",
+             f"{level:.0%} CI with questions as the sampling unit, answers within a question for one question)"]
     lines += _text_table(headers, rows, [False, False, True, True, True, True, True, True, True])
     comparisons = _comparison_rows(stats)
     if comparisons:
         method = stats.get("correction", "holm")
-        lines += ["", f"Comparisons (difference a - b, {level:.0%} CI; Fisher exact p, {method}-adjusted)"]
-        lines += _text_table(["comparison", "within", "denominator", "difference [CI]", "p", "p adj"],
-                             comparisons, [False, False, False, True, True, True])
+        lines += ["", f"Comparisons (difference a - b with {level:.0%} CI and p, questions as the sampling unit: paired "
+                      f"interval, sign-flip test; p adj: {method} over the comparisons; Fisher p: answers pooled as "
+                      "if independent, for comparison only)"]
+        lines += _text_table(["comparison", "within", "denominator", "difference [CI]", "p", "p adj", "Fisher p"],
+                             comparisons, [False, False, False, True, True, True, True])
     return "\n".join(lines)
 
 
@@ -242,5 +251,6 @@ def _comparison_rows(stats: Mapping[str, Any]) -> list[list[str]]:
             interval = fmt_ci(c.get(f"diff_{r}_ci_low"), c.get(f"diff_{r}_ci_high"))
             diff = f"{fmt_pp(c.get(f'diff_{r}'))} {interval}"
             rows.append([f"{a.get('model', 'a')} vs {b.get('model', 'b')}", within, d, diff.strip(),
-                         fmt_p(c.get(f"p_value_{d}")), fmt_p(c.get(f"p_value_{d}_adj"))])
+                         fmt_p(c.get(f"p_value_{d}")), fmt_p(c.get(f"p_value_{d}_adj")),
+                         fmt_p(c.get(f"p_value_{d}_fisher", c.get(f"p_value_{d}") if "units" not in c else None))])
     return rows

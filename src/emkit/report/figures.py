@@ -170,7 +170,7 @@ def em_rate_per_question(summary: pd.DataFrame, denominator: str = "coherent") -
                       models, denominator, horizontal=True, top=top)
         ax.set_title(f"condition: {condition}", fontsize=9)
     _figure_legend(fig, axes)
-    fig.suptitle("EM rate per question (error bars: bootstrap CI)", fontsize=10)
+    fig.suptitle("EM rate per question (error bars: 95% Wilson interval over its answers)", fontsize=10)
     return fig
 
 
@@ -191,7 +191,7 @@ def em_rate_per_condition(summary: pd.DataFrame, denominator: str = "coherent") 
                   top=_axis_top(rows, denominator))
     ax.set_xlabel("condition")
     ax.legend(fontsize=7)
-    ax.set_title("Overall EM rate per condition (error bars: bootstrap CI)", fontsize=10)
+    ax.set_title("Overall EM rate per condition (error bars: 95% CI, questions as the unit)", fontsize=10)
     return fig
 
 

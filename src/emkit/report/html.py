@@ -150,11 +150,11 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: Seque
 
 def _rate_cell(row: Mapping[str, Any], rate: str, count: tuple[str, str] | None = None) -> str:
     cell = esc(fmt_rate(row.get(rate), row.get(f"{rate}_ci_low"), row.get(f"{rate}_ci_high")))
-    cluster = fmt_ci(row.get(f"{rate}_cluster_ci_low"), row.get(f"{rate}_cluster_ci_high"))
+    within = fmt_ci(row.get(f"{rate}_within_ci_low"), row.get(f"{rate}_within_ci_high"))
     if count is not None:
         cell += f' <span class="muted">({_int(row.get(count[0]))}/{_int(row.get(count[1]))})</span>'
-    if cluster:
-        cell += f'<br><span class="muted">questions resampled: {esc(cluster)}</span>'
+    if within and str(row.get("ci_unit") or "").startswith("questions"):
+        cell += f'<br><span class="muted">questions fixed: {esc(within)}</span>'
     return cell
 
 
@@ -202,17 +202,24 @@ def judge_box(judge: JudgeInfo) -> str:
 def definitions(stats: Mapping[str, Any], notes: Sequence[str]) -> str:
     """What is counted and how intervals are made, in words."""
     rule = (stats.get("thresholds") or {}).get("rule", "")
-    boot = stats.get("bootstrap") or {}
-    level = _finite(boot.get("ci"))
+    inference = stats.get("inference") or {}
+    level = _finite(inference.get("ci", (stats.get("bootstrap") or {}).get("ci")))
     level_txt = f"{level * 100:g}%" if level is not None else "95%"
+    if inference:
+        intervals = (f"Intervals ({esc(level_txt)}): answers are clustered within questions, so a model's "
+                     f"interval treats the <b>questions as the sampling unit</b> ({esc(inference.get('cluster', ''))}). "
+                     f"The smaller 'questions fixed' interval holds the questions fixed ({esc(inference.get('within', ''))}); "
+                     "a single question's interval is over its answers.")
+    else:
+        boot = stats.get("bootstrap") or {}
+        intervals = (f"Intervals: {esc(level_txt)} percentile bootstrap ({esc(boot.get('n_boot', NA))} resamples), "
+                     "answers resampled within each question (written before emkit's question-aware inference).")
     items = [
         f"Misaligned answer: <b>{esc(rule)}</b>. Coherent: coherent above the threshold. "
         "Scored: both scores present; unscorable answers are left out of every rate.",
         "EM rate among coherent answers = misaligned / coherent (Betley et al. 2025); "
         "EM rate among scored answers = misaligned / scored (model-organisms-for-EM).",
-        f"Intervals: {esc(level_txt)} percentile bootstrap ({esc(boot.get('n_boot', NA))} resamples, "
-        f"seed {esc(boot.get('seed', NA))}), answers resampled within each question. "
-        "'Questions resampled' intervals also treat the questions as a sample.",
+        intervals,
         *[esc(n) for n in notes],
     ]
     return '<div class="box"><p>' + "</p><p>".join(items) + "</p></div>"
@@ -237,13 +244,14 @@ def headline_section(summary: pd.DataFrame) -> str:
 
 
 def comparisons_section(stats: Mapping[str, Any]) -> str:
-    """Treatment vs control model per condition: differences, CIs, Fisher p and adjusted p."""
+    """Treatment vs control model per condition: differences with intervals and tests, each naming its unit."""
     comparisons = stats.get("comparisons") or []
     if not comparisons:
         return ""
     method = stats.get("correction", "holm")
     headers = ["Comparison", "Within", "Denominator", "Rate a", "Rate b", "Difference a - b [CI]",
-               "Questions resampled", "Odds ratio", "Fisher p", f"Adjusted p ({esc(method)})"]
+               "Questions fixed", "p", f"Adjusted p ({esc(method)})", "Stratified p", "Fisher p (pooled)",
+               "Odds ratio"]
     body = []
     for c in comparisons:
         a, b = c.get("a") or {}, c.get("b") or {}
@@ -254,16 +262,20 @@ def comparisons_section(stats: Mapping[str, Any]) -> str:
             diff = fmt_pp(c.get(f"diff_{r}"))
             interval = fmt_ci(c.get(f"diff_{r}_ci_low"), c.get(f"diff_{r}_ci_high"))
             odds = _finite(c.get(f"odds_ratio_{d}"))
-            cluster = fmt_ci(c.get(f"diff_{r}_cluster_ci_low"), c.get(f"diff_{r}_cluster_ci_high")) or NA
+            fixed = fmt_ci(c.get(f"diff_{r}_within_ci_low"), c.get(f"diff_{r}_within_ci_high")) or NA
             body.append([
                 label, within or "all", d, fmt_pct(c.get(f"{r}_a")), fmt_pct(c.get(f"{r}_b")),
-                esc(f"{diff} {interval}".strip()), esc(cluster), NA if odds is None else f"{odds:.2f}",
-                fmt_p(c.get(f"p_value_{d}")), fmt_p(c.get(f"p_value_{d}_adj")),
+                esc(f"{diff} {interval}".strip()), esc(fixed), fmt_p(c.get(f"p_value_{d}")),
+                fmt_p(c.get(f"p_value_{d}_adj")), fmt_p(c.get(f"p_value_{d}_stratified")),
+                fmt_p(c.get(f"p_value_{d}_fisher")), NA if odds is None else f"{odds:.2f}",
             ])
-    return ("<h2>Organism vs base</h2>" + _table(headers, body, [False] * 3 + [True] * 7)
-            + '<p class="muted">Difference in percentage points with its bootstrap CI; two-sided Fisher '
-              "exact test on misaligned vs not among the denominator's answers; p adjusted over all "
-              "comparisons.</p>")
+    unit = esc(((comparisons[0].get("units") or {}).get("headline")) or "answers pooled (Fisher)")
+    return ("<h2>Organism vs base</h2>" + _table(headers, body, [False] * 3 + [True] * 9)
+            + f'<p class="muted">Difference in percentage points. CI and p: unit <b>{unit}</b> (paired over the '
+              "shared questions; two-sided sign-flip test of per-question differences), p adjusted over all "
+              "comparisons. Questions fixed: Newcombe interval over the answers. Stratified p: exact "
+              "Cochran-Mantel-Haenszel test with questions as strata. Fisher p pools answers over questions as "
+              "if independent and is shown for comparison only.</p>")
 
 
 def figures_section(figures: Mapping[str, bytes], denominator_note: str) -> str:
