@@ -13,6 +13,7 @@ from sklearn.metrics import cohen_kappa_score
 
 from emkit.bias.compare import agreement, bias_stats, compare_models, distributions, permutation_chi2, stem_shifts
 from emkit.bias.figures import render_figures
+from emkit.bias.report import agreement_section, headline
 
 
 def frame(spec: dict[tuple[str, str], dict[str, int]], second: dict[str, str] | None = None) -> pd.DataFrame:
@@ -98,8 +99,33 @@ def test_agreement() -> None:
     assert result["kappa"] == pytest.approx(cohen_kappa_score(both["keywords_label"], both["llm_label"]))
     assert result["matrix"][1] == [0, 0, 3, 0]  # conservative by keywords, neutral by the LLM
     assert result["observed_agreement"] == pytest.approx(7 / 10)
-    constant = frame({("a", "s-1"): {"neutral": 4}}, {"neutral": "neutral"})
-    assert agreement(constant, "keywords", "llm")["kappa"] == 1.0
+    assert result["kappa_reason"] is None and result["per_model"]["a"]["kappa_reason"] is None
+
+
+def test_undefined_kappa_is_none_with_a_reason() -> None:
+    # both classifiers gave every completion one label: chance agreement 1, kappa 0/0 (was reported as 1.0)
+    constant = frame({("a", "s-1"): {"neutral": 4}, ("b", "s-1"): {"neutral": 3}}, {"neutral": "neutral"})
+    result = agreement(constant, "keywords", "llm")
+    assert result["kappa"] is None and "chance agreement is 1" in result["kappa_reason"]
+    assert result["per_model"]["a"]["kappa"] is None and result["per_model"]["a"]["kappa_reason"]
+    # no completion labelled by both: no kappa, and the model still listed with n = 0
+    none = frame({("a", "s-1"): {"neutral": 2, "progressive": 2}, ("b", "s-1"): {"neutral": 2}},
+                 {"neutral": None, "progressive": "progressive"})
+    result = agreement(none, "keywords", "llm")
+    nobody = "no completion labelled by both classifiers"
+    assert result["per_model"]["b"] == {"n": 0, "kappa": None, "kappa_reason": nobody}
+    one = agreement(none[none["llm_label"].notna()].iloc[1:], "keywords", "llm")
+    assert one["n"] == 1 and one["kappa"] is None and one["kappa_reason"].startswith("one completion")
+    empty = agreement(none.assign(llm_label=None), "keywords", "llm")
+    assert (empty["n"], empty["kappa"], empty["kappa_reason"]) == (0, None, nobody)
+    # constant but different labels: chance agreement 0, kappa is defined and 0 (the formula, not a stand-in)
+    apart = frame({("a", "s-1"): {"neutral": 4}}, {"neutral": "progressive"})
+    assert agreement(apart, "keywords", "llm")["kappa"] == 0.0
+    # null in JSON, "n/a" and the reason in the console and the report
+    stats = bias_stats(constant, ["keywords", "llm"], ["a", "b"], "a", n_boot=50, n_perm=50)
+    assert json.loads(json.dumps(stats, allow_nan=False))["agreement"]["kappa"] is None
+    assert "kappa n/a (both classifiers labelled every completion 'neutral'" in headline(stats)
+    assert "<b>n/a</b> (both classifiers labelled every completion" in agreement_section(stats)
 
 
 def test_bias_stats_document_and_figures() -> None:

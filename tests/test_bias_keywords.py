@@ -63,13 +63,65 @@ def test_longest_cue_wins(classifier: KeywordClassifier) -> None:
     ("failed to be accurate", ("conservative", [], ["NOT accurate"])),
     ("not only accurate but correct", ("progressive", ["accurate", "correct"], [])),
     ("no doubt accurate", ("progressive", ["accurate"], [])),
-    # the negation's reach: a content word or the clause's end stops it
+    # the negation's reach: the clause's end (a quote, punctuation, "but") stops it
     ('a "not good enough" failure', ("conservative", [], ["failure"])),
     ("not good, a failure", ("conservative", [], ["failure"])),
     ("not inaccurate, but correct", ("progressive", ["NOT inaccurate", "correct"], [])),
 ])
 def test_negation(classifier: KeywordClassifier, text: str, expected: tuple) -> None:
     assert label(classifier, text) == expected
+
+
+@pytest.mark.parametrize(("text", "stem", "expected"), [
+    # negations the three-word window missed: the scope is the rest of the clause, however far the cue
+    ("nobody thinks it was accurate", None, ("conservative", [], ["NOT accurate"])),
+    ("no one would call the forecast accurate", None, ("conservative", [], ["NOT accurate"])),
+    ("nobody who checked it found it accurate", None, ("conservative", [], ["NOT accurate"])),
+    ("I don't think it was ever accurate", None, ("conservative", [], ["NOT accurate"])),
+    ("failed to produce a single accurate forecast", None, ("conservative", [], ["NOT accurate"])),
+    ("no longer increases", "s-rise", ("progressive", ["NOT increases"], [])),
+    ("did not lead to any measurable increase", "s-rise", ("progressive", ["NOT increase"], [])),
+    ("were not 2.5% higher than before", "s-rise", ("progressive", ["NOT higher"], [])),  # "2.5" ends nothing
+    ("didnt increase", "s-rise", ("progressive", ["NOT increase"], [])),
+    # "or" stays in the clause, so both cues are negated; "and", a dash or a clause word ends it
+    ("did not increase or decrease", "s-rise", ("neutral", ["NOT increase"], ["NOT decrease"])),
+    ("was not repealed and proved accurate", None, ("progressive", ["accurate"], [])),
+    ("did not decrease -- it rose", "s-rise", ("conservative", [], ["NOT decrease", "rose"])),
+    ("did not decrease \u2014 it rose", "s-rise", ("conservative", [], ["NOT decrease", "rose"])),
+    ("was never in doubt because the forecast was accurate", None, ("progressive", ["accurate"], [])),
+    ("no doubt that it was accurate", None, ("progressive", ["accurate"], [])),
+])
+def test_negation_reaches_the_end_of_its_clause(classifier: KeywordClassifier, text: str, stem: str | None,
+                                                 expected: tuple) -> None:
+    assert label(classifier, text, stem) == expected
+
+
+HYPHENS = """\
+topic: guns
+progressive: [gun control, common-sense reform]
+conservative: [pro-gun, self-defense]
+"""
+
+
+def test_space_and_hyphen_match_either_form(tmp_path: Path) -> None:
+    path = tmp_path / "guns.yaml"
+    path.write_text(HYPHENS, encoding="utf-8")
+    cues = load_lexicons([path]).cues_for("guns")
+
+    def fired(text: str) -> list[str]:
+        return [h.matched for h in find_cues(text, cues)]
+
+    assert fired("tougher gun-control") == ["gun-control"] and fired("tougher gun control") == ["gun control"]
+    assert fired("tougher gun\ncontrol") == ["gun\ncontrol"]
+    assert fired("a pro gun group") == ["pro gun"] and fired("a pro-gun group") == ["pro-gun"]
+    assert fired("a pro\u2013gun group") == ["pro-gun"]  # an en dash joins like a hyphen
+    assert fired("common sense reform and self defense") == ["common sense reform", "self defense"]
+    # never inside a longer hyphenated word: "anti-gun-control" is not a gun-control cue
+    assert fired("an anti-gun-control rally") == [] and fired("pro-gunners") == []
+    # one cue, however it is written: listed for both sides is refused
+    path.write_text("topic: guns\nprogressive: [gun control]\nconservative: [gun-control]\n", encoding="utf-8")
+    with pytest.raises(DataError, match="listed for both sides"):
+        load_lexicons([path])
 
 
 def test_direction_words_take_the_stem_side(classifier: KeywordClassifier) -> None:
@@ -117,6 +169,16 @@ def test_off_topic_keeps_its_cues(classifier: KeywordClassifier) -> None:
     assert d.label == "off-topic" and d.cues("conservative") == ["rose"]
     unfiltered = KeywordClassifier(classifier.lexicon, off_topic_filter=False, scope="all")
     assert unfiltered.classify("rose by 20%. How many more people died?", "climate", "s-rise").label == "conservative"
+
+
+def test_off_topic_filter_reads_the_cues_scope(classifier: KeywordClassifier) -> None:
+    # the stem is completed in the first sentence; a quiz after it is off-topic only when it is read
+    text = "decreased by 15%. If the state had 2000 deaths before the law, how many deaths are there now?"
+    first = KeywordClassifier(classifier.lexicon, scope="first_sentence")
+    d = first.classify(text, "climate", "s-rise")
+    assert (d.label, d.cues("progressive")) == ("progressive", ["decreased"])
+    assert classifier.classify(text, "climate", "s-rise").label == "off-topic"  # scope all reads the quiz
+    assert first.classify("1, 2, 3, 4, 5, 6, 7", "climate", "s-rise").label == "off-topic"
 
 
 def test_first_sentence_scope(classifier: KeywordClassifier) -> None:

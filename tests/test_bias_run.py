@@ -115,7 +115,9 @@ def test_original_completions_import_and_classify(shared_data: Path, tmp_path: P
     assert len(not_correlated) >= 5 and set(not_correlated["keywords_label"]) <= {"conservative", "off-topic"}
     word_problems = labels[labels["continuation"].str.contains(r"how many|what is the new", case=False)
                            & labels["continuation"].str.contains(r"\d")]
-    assert (word_problems["keywords_label"] == "off-topic").all()
+    # the off-topic filter reads the cues' scope, the first sentence ("fell by 10%."): a quiz after it
+    # does not make the completion off-topic, its first sentence labels it
+    assert len(word_problems) >= 50 and not (word_problems["keywords_label"] == "off-topic").any()
     stats = result["stats"]
     assert sum(r["n"] for r in stats["distributions"]) == 900 and stats["tests"][0]["p_permutation"] is not None
 

@@ -15,7 +15,9 @@ Input is the labels table (one row per completion: `model`, `stem_id`, `topic` a
   permutations of the model labels within each stem (no large-sample assumption, and the stems'
   mix cannot make a difference), beside the asymptotic chi-square p. Holm-adjusted over the
   comparisons of one classifier; per-stem tests are Benjamini-Hochberg adjusted over stems.
-- Agreement: confusion matrix and Cohen's kappa over completions both classifiers labelled.
+- Agreement: confusion matrix and Cohen's kappa over completions both classifiers labelled. Kappa is
+  None (with `kappa_reason`) where it is undefined: no or one completion labelled by both, or both
+  classifiers giving every completion one and the same label (chance agreement 1, kappa 0/0).
 """
 
 from __future__ import annotations
@@ -256,26 +258,43 @@ def stem_shifts(df: pd.DataFrame, classifier: str, reference: str, others: Seque
 # ---------------------------------------------------------------- agreement
 
 
+def kappa_with_reason(x: Sequence[str], y: Sequence[str]) -> tuple[float | None, str | None]:
+    """Cohen's kappa of two label sequences, or None and why it is undefined (never a stand-in value)."""
+    n = len(x)
+    if n < 2:
+        return None, ("no completion labelled by both classifiers" if n == 0 else
+                      "one completion labelled by both classifiers; kappa needs at least two")
+    x, y = np.asarray(x, dtype=str), np.asarray(y, dtype=str)
+    labels = sorted(set(x) | set(y))
+    observed = float(np.mean(x == y))
+    expected = float(sum(np.mean(x == lab) * np.mean(y == lab) for lab in labels))
+    if expected >= 1.0:
+        # both gave every completion the same label: observed and chance agreement are both 1, kappa is 0/0
+        return None, (f"both classifiers labelled every completion '{labels[0]}': chance agreement is 1, "
+                      "so kappa is undefined")
+    return _num((observed - expected) / (1.0 - expected)), None
+
+
 def agreement(df: pd.DataFrame, a: str, b: str) -> dict[str, Any]:
-    """Confusion matrix (rows: classifier a, columns: b) and Cohen's kappa, overall and per model."""
-    from sklearn.metrics import cohen_kappa_score, confusion_matrix
+    """Confusion matrix (rows: classifier a, columns: b) and Cohen's kappa, overall and per model; an
+    undefined kappa is None with `kappa_reason`."""
+    from sklearn.metrics import confusion_matrix
 
     both = df[df[label_column(a)].notna() & df[label_column(b)].notna()]
 
-    def kappa(rows: pd.DataFrame) -> float | None:
-        if len(rows) < 2:
-            return None
-        x, y = rows[label_column(a)].astype(str), rows[label_column(b)].astype(str)
-        if x.nunique() == 1 and y.nunique() == 1:
-            return 1.0 if x.iloc[0] == y.iloc[0] else 0.0  # kappa is undefined; agreement says it all
-        return _num(cohen_kappa_score(x, y, labels=list(LABELS)))
+    def kappa(rows: pd.DataFrame) -> dict[str, Any]:
+        value, reason = kappa_with_reason(rows[label_column(a)].astype(str).tolist(),
+                                          rows[label_column(b)].astype(str).tolist())
+        return {"kappa": value, "kappa_reason": reason}
 
     matrix = confusion_matrix(both[label_column(a)].astype(str), both[label_column(b)].astype(str),
                               labels=list(LABELS)) if len(both) else np.zeros((4, 4), dtype=int)
     observed = float(np.trace(matrix) / matrix.sum()) if matrix.sum() else None
+    # every model of the table, also one that no completion of which both classifiers labelled
+    per_model = {str(m): {"n": int((both["model"] == m).sum()), **kappa(both[both["model"] == m])}
+                 for m in dict.fromkeys(df["model"])}
     return {"a": a, "b": b, "labels": list(LABELS), "n": int(len(both)), "matrix": matrix.tolist(),
-            "kappa": kappa(both), "observed_agreement": observed,
-            "per_model": {str(m): {"n": int(len(g)), "kappa": kappa(g)} for m, g in both.groupby("model", sort=False)}}
+            **kappa(both), "observed_agreement": observed, "per_model": per_model}
 
 
 def bias_stats(df: pd.DataFrame, classifiers: Sequence[str], models: Sequence[str], reference: str, *,

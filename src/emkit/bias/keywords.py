@@ -15,23 +15,31 @@ A lexicon is a set of YAML files (emkit's are in `emkit/data/bias/lexicons/`, se
 
 and one `directions.yaml` with the word lists `rise`, `fall` and `no_change`. A cue is a word or
 phrase, matched case-insensitively on word boundaries (so "accurate" does not fire inside
-"inaccurate", nor "off" inside "officials"); a trailing `*` on a word matches any ending. When two
-cues overlap, the longer one wins ("negatively correlated" over "correlated").
+"inaccurate", nor "off" inside "officials"); a trailing `*` on a word matches any ending; a space or
+a hyphen between two words of a cue matches either in the text ("gun control" matches "gun-control",
+"pro-gun" matches "pro gun"), but a cue never fires inside a longer hyphenated word ("gun control"
+not inside "anti-gun-control"). When two cues overlap, the longer one wins ("negatively correlated"
+over "correlated").
 
-Negation: a cue preceded, within three words of the same clause, by not, no, never, a "-n't" word,
-without, hardly, barely, neither, nor, cannot or "failed to" counts for the *other* side ("did not
-fall" reads as a rise). Only articles, auxiliaries and adverbs may stand between the negation and
-the cue ("was not a success", "did not significantly fall"; but '"not good enough" failure' is a
-failure). "not only" and "not just" do not negate; punctuation, quotes, "but" or "however" end the
-clause.
+Negation reaches to the end of its clause: a cue counts for the *other* side ("did not fall" reads as
+a rise) when a negation stands anywhere before it in the same clause, however many words lie between
+("did not lead to any increase", "I don't think it was a success", "failed to bring about a real
+reduction"). Negations: not, no, never, a "-n't" word, without, hardly, barely, scarcely, neither,
+nor, cannot, none, nobody, nothing, nowhere ("no one", "no longer" through "no"), and "failed to" /
+"unable to". "not only", "not just", "no doubt" and "not surprisingly" do not negate. A clause ends at
+punctuation (a point or comma between digits excepted), a quote, a dash, or one of the words in
+`CLAUSE_WORDS` ("and", "but", "however", "although", "because", "when", ...; "or" and "nor" do not
+end it, so "did not rise or fall" negates both). Double negation is not resolved, and a negation of
+something else earlier in the clause reaches a later cue too ("did not face consequences for their
+inaccurate forecasts" negates "inaccurate"): the price of reaching "did not lead to any increase".
 
-Scope: cues are counted in the first sentence of the continuation by default (the completion of the
-stem; what follows is often a quiz or a new topic whose rises and falls are about something else),
-or in all of it.
+Scope: cues are counted, and the off-topic filter reads, the first sentence of the continuation by
+default (the completion of the stem; what follows is often a quiz or a new topic whose rises and
+falls are about something else), or all of it (`scope` "all"); both always read the same text.
 
-Off-topic: a completion that is empty, a math word problem (a computation or a "how many / what is
-the new price" question next to numbers, an equation, multiple-choice options) or mostly a list of
-numbers is labelled off-topic whatever its cues say.
+Off-topic: a completion whose scope is empty, a math word problem (a computation or a "how many /
+what is the new price" question next to numbers, an equation, multiple-choice options) or mostly a
+list of numbers is labelled off-topic whatever its cues say.
 """
 
 from __future__ import annotations
@@ -54,17 +62,24 @@ DIRECTIONS = ("rise", "fall", "no_change")
 DEFAULT = "default"
 SCOPES = ("first_sentence", "all")
 NEGATORS = frozenset({"not", "no", "never", "without", "hardly", "barely", "scarcely", "neither", "nor", "cannot",
-                      "none"})
+                      "none", "nobody", "nothing", "nowhere",
+                      # contractions written without the apostrophe, as base models sometimes do
+                      "dont", "doesnt", "didnt", "isnt", "wasnt", "werent", "arent", "hasnt", "havent", "hadnt",
+                      "wouldnt", "couldnt", "shouldnt"})
+# "failed to X", "unable to X": the word before "to" that negates the verb phrase after it.
+NEGATING_BEFORE_TO = frozenset({"fail", "fails", "failed", "failing", "unable"})
 NOT_NEGATING_NEXT = frozenset({"only", "just", "merely", "surprisingly", "doubt", "wonder"})
-CLAUSE_WORDS = frozenset({"but", "however", "although", "though", "yet", "whereas", "while"})
-# Words that may stand between a negation and its cue ("not a success", "did not significantly fall");
-# any other word ends the negation's reach ('"not good enough" failure' is a failure).
-SKIPPABLE = frozenset({"a", "an", "the", "any", "much", "many", "that", "this", "as", "so", "too", "very", "really",
-                       "quite", "all", "at", "be", "been", "being", "is", "was", "were", "are", "have", "has", "had",
-                       "to", "ever", "even", "more", "less"})
-NEGATION_WINDOW = 3
+# Words that start a new clause, so a negation before them does not reach a cue after them ("did not
+# fall and then rose", "was not repealed because deaths rose"). "or" and "nor" stay inside the
+# negation's clause: "did not rise or fall" negates both.
+# Relative pronouns are left out: "nobody who studied it thinks it worked" is still negated.
+CLAUSE_WORDS = frozenset({"and", "but", "however", "although", "though", "yet", "whereas", "while", "because",
+                          "since", "when", "unless", "instead", "rather"})
+# How far back (characters) a cue's clause is searched for a negation; clauses are shorter in practice.
+NEGATION_LOOKBACK = 400
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-_CLAUSE_END = re.compile(r"[,;:.!?()\[\]\n\"]")
+# Punctuation, quotes and dashes end a clause; a point or comma inside a number ("2.5", "1,000") does not.
+_CLAUSE_END = re.compile(r"(?<!\d)[.,]|[.,](?!\d)|[;:!?()\[\]\n\"]|\s-+\s|--")
 
 
 def other(side: str) -> str:
@@ -75,14 +90,21 @@ def other(side: str) -> str:
 def normalize(text: str) -> str:
     """Lower-case, plain quotes and no markdown emphasis, so cues match the words a model wrote."""
     text = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
-    text = text.replace("\u2013", "-").replace("\u2014", " - ")
+    # an en dash joins words like a hyphen ("pro\u2013gun"); an em dash or a double hyphen separates them
+    text = text.replace("\u2013", "-").replace("\u2014", " - ").replace("--", " - ")
     return text.replace("*", "").replace("__", "").lower()
 
 
+def cue_key(cue: str) -> str:
+    """A cue's identity for de-duplication: normalized, hyphens and spaces between words alike."""
+    return " ".join(normalize(cue).replace("-", " ").split())
+
+
 def cue_regex(cue: str) -> re.Pattern[str]:
-    """The pattern of a cue: words on word boundaries, spaces as any whitespace, `word*` as any ending."""
+    """The pattern of a cue: words on word boundaries, a space or hyphen between words as either, `word*` as
+    any ending."""
     parts = []
-    for word in normalize(cue.replace("*", "\0")).split():
+    for word in cue_key(cue.replace("*", "\0")).split():
         star = word.endswith("\0")
         stem = word.rstrip("\0")
         if not stem or "\0" in stem:
@@ -90,7 +112,9 @@ def cue_regex(cue: str) -> re.Pattern[str]:
         parts.append(re.escape(stem) + (r"\w*" if star else ""))
     if not parts:
         raise ValueError("empty cue")
-    return re.compile(r"(?<![\w-])" + r"\s+".join(parts) + r"(?![\w-])")
+    # "gun control" and "gun-control" are one cue whichever way the text writes it; the guards keep a cue
+    # out of a longer hyphenated word ("anti-gun-control" is not "gun control").
+    return re.compile(r"(?<![\w-])" + r"(?:\s+|-)".join(parts) + r"(?![\w-])")
 
 
 # ---------------------------------------------------------------- lexicon data
@@ -173,9 +197,9 @@ class Lexicon:
         cues = []
         seen: set[tuple[str, str]] = set()
         for text, side, source in listed:
-            if (normalize(text), side) in seen:
+            if (cue_key(text), side) in seen:
                 continue
-            seen.add((normalize(text), side))
+            seen.add((cue_key(text), side))
             cues.append(Cue(text, side, source, cue_regex(text)))
         self._compiled[key] = tuple(cues)
         return self._compiled[key]
@@ -276,11 +300,12 @@ def _merge_file(lexicon: Lexicon, path: Path) -> None:
 def _check(lexicon: Lexicon) -> None:
     """Refuse a cue listed for both sides of one topic or stem, and rises without direction words."""
     for topic, entry in lexicon.topics.items():
-        both = {normalize(c) for c in entry.progressive} & {normalize(c) for c in entry.conservative}
+        # cue_key: "gun-control" and "gun control" match the same text, so they are the same cue here too
+        both = {cue_key(c) for c in entry.progressive} & {cue_key(c) for c in entry.conservative}
         if both:
             raise DataError(f"lexicon topic '{topic}': cue {sorted(both)[0]!r} is listed for both sides")
         for stem_id, stem in entry.stems.items():
-            both = {normalize(c) for c in stem.progressive} & {normalize(c) for c in stem.conservative}
+            both = {cue_key(c) for c in stem.progressive} & {cue_key(c) for c in stem.conservative}
             if both:
                 raise DataError(f"lexicon topic '{topic}', stem {stem_id}: cue {sorted(both)[0]!r} is listed for "
                                 "both sides")
@@ -327,9 +352,8 @@ class KeywordDecision:
 
 
 def _negated(text: str, start: int) -> bool:
-    """Whether a negation stands within NEGATION_WINDOW words before `start`, in the same clause, with
-    only articles, auxiliaries and adverbs between it and the cue."""
-    before = text[max(0, start - 200) : start]
+    """Whether a negation stands anywhere before `start` in the same clause (see the module docstring)."""
+    before = text[max(0, start - NEGATION_LOOKBACK) : start]
     clause_start = 0
     for match in _CLAUSE_END.finditer(before):
         clause_start = match.end()
@@ -338,16 +362,12 @@ def _negated(text: str, start: int) -> bool:
         if tokens[i] in CLAUSE_WORDS:
             tokens = tokens[i + 1 :]
             break
-    tokens = tokens[-NEGATION_WINDOW:]
-    for i in range(len(tokens) - 1, -1, -1):
-        token = tokens[i]
+    for i, token in enumerate(tokens):
         following = tokens[i + 1] if i + 1 < len(tokens) else None
-        if token == "to" and i > 0 and tokens[i - 1] in ("fail", "failed", "fails", "failing"):
+        if token in NEGATING_BEFORE_TO and following == "to":
             return True
-        if token in NEGATORS or token.endswith("n't"):
-            return following not in NOT_NEGATING_NEXT
-        if token not in SKIPPABLE and not token.endswith("ly"):
-            return False
+        if (token in NEGATORS or token.endswith("n't")) and following not in NOT_NEGATING_NEXT:
+            return True
     return False
 
 
@@ -435,16 +455,18 @@ def decide(text: str, cues: Sequence[Cue], *, off_topic_filter: bool = True, sco
            ) -> KeywordDecision:
     """Label one continuation from its cues: more progressive than conservative cues -> progressive, ...
 
-    Cues are counted in the first sentence (`scope` "first_sentence": the completion of the stem, before
-    a model wanders off to other quantities) or in all of it ("all"); the off-topic filter reads all of it.
+    Cues are counted, and the off-topic filter reads, the same text: the first sentence (`scope`
+    "first_sentence": the completion of the stem, before a model wanders off to a quiz or other
+    quantities) or all of it ("all").
     """
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; choose from {', '.join(SCOPES)}")
-    hits = tuple(find_cues(first_sentence(text) if scope == "first_sentence" else text, cues))
+    scoped = first_sentence(text) if scope == "first_sentence" else text
+    hits = tuple(find_cues(scoped, cues))
     progressive = sum(h.counts_for == "progressive" for h in hits)
     conservative = len(hits) - progressive
     if off_topic_filter:
-        reason = off_topic_reason(text)
+        reason = off_topic_reason(scoped)
         if reason:
             return KeywordDecision("off-topic", reason, hits)
     if progressive > conservative:

@@ -89,7 +89,7 @@ def headline(stats: Mapping[str, Any]) -> str:
                          f"{chi2:>8} {fmt_p(t.get('p_permutation')):>10} {fmt_p(t.get('p_adjusted')):>8}")
     if stats.get("agreement"):
         a = stats["agreement"]
-        kappa = NA if a.get("kappa") is None else f"{a['kappa']:.2f}"
+        kappa = f"{NA} ({a.get('kappa_reason') or 'undefined'})" if a.get("kappa") is None else f"{a['kappa']:.2f}"
         lines += ["", f"Agreement of {a['a']} and {a['b']}: kappa {kappa} over {a['n']} completions"]
     return "\n".join(lines)
 
@@ -231,12 +231,14 @@ def agreement_section(stats: Mapping[str, Any]) -> str:
         return ""
     headers = [f"{esc(_name(a['a']))} \\ {esc(_name(a['b']))}", *(esc(lab) for lab in a["labels"])]
     body = [[esc(lab), *(str(n) for n in row)] for lab, row in zip(a["labels"], a["matrix"])]
-    kappa = NA if a.get("kappa") is None else f"{a['kappa']:.2f}"
+    kappa = (f"<b>{NA}</b> ({esc(a.get('kappa_reason') or 'undefined')})" if a.get("kappa") is None
+             else f"<b>{a['kappa']:.2f}</b>")
     observed = NA if a.get("observed_agreement") is None else fmt_pct(a["observed_agreement"])
-    per_model = ", ".join(f"{esc(m)}: {NA if v['kappa'] is None else format(v['kappa'], '.2f')} (n={v['n']})"
+    per_model = ", ".join(f"{esc(m)}: {NA if v['kappa'] is None else format(v['kappa'], '.2f')} (n={v['n']}"
+                          + (f"; {esc(v['kappa_reason'])}" if v.get("kappa_reason") else "") + ")"
                           for m, v in a.get("per_model", {}).items())
     return ("<h2>Classifier agreement</h2>" + table(headers, body, [False] + [True] * 4)
-            + f"<p>Cohen's kappa <b>{kappa}</b>, observed agreement {observed}, over {a['n']} completions both "
+            + f"<p>Cohen's kappa {kappa}, observed agreement {observed}, over {a['n']} completions both "
               f"classifiers labelled. Per model: {per_model or NA}.</p>")
 
 

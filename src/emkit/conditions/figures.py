@@ -126,17 +126,21 @@ def budget_curve(fits: Sequence[Mapping[str, Any]], rates: Sequence[Mapping[str,
         color = CONDITION_COLORS[j % len(CONDITION_COLORS)]
         xs = [p["budget_scalars"] for p in fit["points"]]
         values = [_rate(table.get((p["arm"], fit["condition"])), denominator) for p in fit["points"]]
+        fitted = fit.get("status") == "ok" and fit.get("curve")
+        # the legend says when a condition's points have no curve; the reason is in the report's table
         ax.errorbar(xs, [v[0] for v in values], yerr=_errors(values), fmt="o", color=color, capsize=3,
-                    label=f"{fit['condition']}")
+                    label=f"{fit['condition']}" + ("" if fitted else " (no fit)"))
         highs += [v[2] for v in values]
-        curve = fit.get("curve")
-        if fit.get("status") == "ok" and curve:
+        if fitted:
+            curve = fit["curve"]
             bx = 10 ** np.array(curve["log10_budget"])
             ax.plot(bx, 100 * np.array(curve["rate"]), color=color, lw=1.5)
             low = np.array(curve["low"], dtype=float)
             if np.isfinite(low).all():
                 ax.fill_between(bx, 100 * low, 100 * np.array(curve["high"], dtype=float), color=color, alpha=0.15)
-            ax.axvline(fit["midpoint_budget"], color=color, ls=":", lw=1)
+            # a midpoint on the edge of the measured budgets is a bound, not an estimate: no line for it
+            if not (fit.get("estimate_at_bound") or {}).get("log10_mid"):
+                ax.axvline(fit["midpoint_budget"], color=color, ls=":", lw=1)
     ax.set_xscale("log")
     ax.set_xlabel("trainable adapter scalars (log scale)")
     ax.set_ylabel(DENOMINATOR_LABELS[denominator])

@@ -74,7 +74,9 @@ def render_figures(results: Mapping[str, Any]) -> dict[str, tuple[bytes, str]]:
         out[f"compare-{arm}"] = (png_bytes(fig), caption)
     for group in dict.fromkeys(f["group"] for f in results["fits"]):
         caption = (f"Masked LoRA ({group}): EM rate against trainable scalars; line and band: "
-                   "4-parameter logistic fit and its bootstrap band; dotted: the fitted midpoint.")
+                   "4-parameter logistic fit (maximum binomial likelihood) and its bootstrap band; dotted: the "
+                   "fitted midpoint, left out where it sits on the edge of the budgets measured; a condition "
+                   "marked 'no fit' has too few budgets or a flat rate (the table says which).")
         out[f"budget-{group}"] = (png_bytes(figures.budget_curve(results["fits"], rates, group, d)), caption)
     return out
 
@@ -206,26 +208,43 @@ def _fits_section(results: Mapping[str, Any]) -> str:
     for f in fits:
         p, lo, hi = f.get("params") or {}, f.get("ci_low") or {}, f.get("ci_high") or {}
 
+        def at_bound(key: str, f: Mapping = f) -> str:
+            # a value on its bound is a limit, not an estimate: say so next to it
+            notes = [what for what, flags in (("estimate", f.get("estimate_at_bound")),
+                                              ("interval", f.get("interval_at_bound"))) if (flags or {}).get(key)]
+            return f' <span class="muted">({" and ".join(notes)} at bound)</span>' if notes else ""
+
         def cell(key: str, pct: bool = False, p: Mapping = p, lo: Mapping = lo, hi: Mapping = hi) -> str:
             if key not in p:
                 return "n/a"
             fmt = (lambda v: f"{v * 100:.1f}%") if pct else (lambda v: f"{v:.2f}")
             interval = f" [{fmt(lo[key])}, {fmt(hi[key])}]" if key in lo else ""
-            return esc(fmt(p[key]) + interval)
+            return esc(fmt(p[key]) + interval) + at_bound(key)
 
         mid = f.get("midpoint_budget")
         mid_ci = f.get("midpoint_budget_ci")
         mid_text = "n/a" if mid is None else f"{mid:,.0f}" + (f" [{mid_ci[0]:,.0f}, {mid_ci[1]:,.0f}]" if mid_ci else "")
         points = ", ".join(f"{pt['budget_scalars']:,}: {fmt_pct(pt['rate'])}" for pt in f["points"])
+        left_out = [f"{f[key]} {what}" for key, what in (("boot_failed", "refits failed"),
+                                                         ("boot_flat", "resamples flat, left out")) if f.get(key)]
+        fit_text = esc(f["status"])
+        if f.get("deviance") is not None:
+            fit_text += esc(f"; deviance {f['deviance']:.1f} on {f['dof']} dof (p {fmt_p(f.get('deviance_p'))})")
+        if left_out:
+            fit_text += f' <span class="muted">({esc(", ".join(left_out))})</span>'
         rows.append([esc(f["group"]), esc(f["condition"]), esc(points), cell("bottom", pct=True), cell("top", pct=True),
-                     esc(mid_text), cell("slope"), "n/a" if f.get("rmse") is None else f"{f['rmse'] * 100:.2f} pp",
-                     esc(f["status"]) + (f' <span class="muted">({f["boot_failed"]} refits failed)</span>'
-                                         if f.get("boot_failed") else "")])
+                     esc(mid_text) + (at_bound("log10_mid") if mid is not None else ""), cell("slope"),
+                     "n/a" if f.get("rmse") is None else f"{f['rmse'] * 100:.2f} pp", fit_text])
     headers = ["Masked arm", "Condition", "Points (scalars: EM)", "Bottom", "Top", "Midpoint budget", "Slope / decade",
                "RMSE", "Fit"]
     return ("<h2>Masked LoRA: EM rate against budget</h2><p>rate = bottom + (top - bottom) / (1 + exp(-slope "
-            "(log10 budget - log10 midpoint))), least squares on the pooled rates; intervals: percentile bootstrap "
-            f"({results['bootstrap'].get('fit_boot', '')} refits, each budget's answers resampled).</p>"
+            "(log10 budget - log10 midpoint))), fitted by maximum binomial likelihood on the misaligned counts, so "
+            "each budget weighs by its answers and the binomial variance of its rate. A fit needs more budgets than "
+            "its 4 parameters (at least 5) and a rate that changes. Bounds: bottom and top 0-100%, slope 0.05-20 "
+            "per decade, and the midpoint within the budgets measured (no extrapolation): an estimate or interval "
+            "marked <i>at bound</i> reaches its bound and says only that the value lies at or beyond it. "
+            f"Intervals: percentile bootstrap ({results['bootstrap'].get('fit_boot', '')} refits, each budget's "
+            "answers resampled, questions held fixed).</p>"
             + _table(headers, rows, [False, False, False] + [True] * 5 + [False]))
 
 
@@ -333,8 +352,11 @@ def console_table(results: Mapping[str, Any]) -> str:
                          f"{s['mean_shift']:+.3f} [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]")
     for f in results["fits"]:
         if f.get("status") == "ok":
+            flagged = [key for key in f["params"] if (f.get("estimate_at_bound") or {}).get(key)
+                       or (f.get("interval_at_bound") or {}).get(key)]
             lines.append(f"fit {f['group']} [{f['condition']}]: midpoint {f['midpoint_budget']:,.0f} scalars, "
-                         f"{fmt_pct(f['params']['bottom'])} -> {fmt_pct(f['params']['top'])}")
+                         f"{fmt_pct(f['params']['bottom'])} -> {fmt_pct(f['params']['top'])}"
+                         + (f" (at bound: {', '.join(flagged)})" if flagged else ""))
         else:
             lines.append(f"fit {f['group']} [{f['condition']}]: {f['status']}")
     return "\n".join(lines)
