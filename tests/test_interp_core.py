@@ -144,7 +144,8 @@ def test_planted_direction_is_recovered_by_both_methods() -> None:
     groups = np.arange(n).astype(str)
     x_signal = rng.standard_normal((n, dim)) + np.outer(labels * 2.0, planted)
     x_noise = rng.standard_normal((n, dim))
-    directions, table = find_directions({0: x_noise, 3: x_signal}, labels, groups, n_boot=100, progress=False)
+    directions, table, split = find_directions({0: x_noise, 3: x_signal}, labels, groups, n_boot=100,
+                                               progress=False)
     for method in ("mean_diff", "probe"):
         cos = abs(directions.unit(method, 3) @ planted)
         assert cos > 0.9, (method, cos)
@@ -154,6 +155,8 @@ def test_planted_direction_is_recovered_by_both_methods() -> None:
         assert noise.auroc_ci[0] < 0.5 < noise.auroc_ci[1] or abs(noise.auroc - 0.5) < 0.15
     assert best_layer(table) == 3 and best_layer(table, "probe") == 3
     assert directions.get("mean_diff", 3) @ planted > 1.5  # the raw mean difference keeps its length
+    # The training-split directions (what the held-out thresholds belong to) point the same way.
+    assert split.meta["fitted_on"] == "training split" and split.unit("mean_diff", 3) @ planted > 0.9
 
 
 def test_direction_file_round_trip(tmp_path: Path) -> None:

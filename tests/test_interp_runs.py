@@ -156,7 +156,8 @@ def test_arm_statistics_restoration() -> None:
     rows = []
     for model, n_bad in (("base", 0), ("organism", 20), ("dir@1x1", 10)):
         for i in range(40):
-            rows.append({"model": model, "aligned": 10.0 if i < n_bad else 90.0, "coherent": 80.0})
+            rows.append({"model": model, "question_id": f"q{i % 4}", "aligned": 10.0 if i < n_bad else 90.0,
+                         "coherent": 80.0})
     stats = arm_statistics(pd.DataFrame(rows), Thresholds(), ["base", "organism", "dir@1x1"], n_boot=300)
     assert stats["organism"]["em_rate"] == 0.5 and stats["base"]["em_rate"] == 0.0
     assert stats["dir@1x1"]["restoration"] == pytest.approx(0.5)
@@ -170,9 +171,14 @@ def test_plan_arms() -> None:
     arms = plan_arms(cfg, 3, best=1)
     names = [a.name for a in arms]
     assert Arm("direction", "1", 2.0).name in names and Arm("random", "0-1", 1.0).name in names
+    assert Arm("matched", "0-1", 1.0).name in names and len(set(names)) == len(names)
     assert not any(a.strength == 0 for a in arms)
     # single layers not already a set get the largest strength only
-    assert [a.strength for a in arms if a.layers == "2"] == [2.0, 2.0]
+    assert [(a.kind, a.strength) for a in arms if a.layers == "2"] == [("direction", 2.0), ("random", 2.0),
+                                                                        ("matched", 2.0)]
+    only = plan_arms(cfg.model_copy(update={"controls": ["matched"]}), 3, best=1)
+    assert {a.kind for a in only} == {"direction", "matched"}
+    assert {a.kind for a in plan_arms(cfg.model_copy(update={"random_control": False}), 3, best=1)} == {"direction"}
     with pytest.raises(ConfigError, match="best"):
         plan_arms(cfg, 3, best=None)
 
@@ -194,8 +200,8 @@ def test_steer_sweep_end_to_end_and_resume(tiny_model: Path, organisms, paired_d
     run = tmp_path / "sweep"
     sweep = json.loads((run / "sweep.json").read_text())
     real = [a for a in sweep["arms"] if not a.get("at_zero")]
-    assert {a["kind"] for a in real} == {"base", "organism", "direction", "random"}
-    assert len(real) == 2 + 2 * 2  # base, organism, 2 layer sets x (direction, random)
+    assert {a["kind"] for a in real} == {"base", "organism", "direction", "random", "matched"}
+    assert len(real) == 2 + 2 * 3  # base, organism, 2 layer sets x (direction, random, matched)
     gens = [json.loads(line) for line in (run / "generations.jsonl").read_text().splitlines()]
     assert {g["model"] for g in gens} == {a["arm"] for a in real}
     assert all(sum(g["model"] == a["arm"] for g in gens) == 4 for a in real)  # 2 questions x 2 samples

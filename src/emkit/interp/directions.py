@@ -6,6 +6,15 @@ side, and AUROC, accuracy (at a threshold chosen on the training side) and separ
 class means of the projection in units of the pooled standard deviation) are computed on the test
 side, with bootstrap intervals that resample groups. A direction set is a plain mapping
 method -> layer -> vector in the model's residual space, saved as safetensors with JSON metadata.
+
+Detection thresholds (Youden's J on the detection score, see `detection_scores`), per layer and method:
+  held_out     the cut on the held-out rows' scores under the direction fitted on the training side
+               (the default of `emkit detect`: that direction never saw the rows that set the cut)
+  train_split  the cut on the training rows' scores under the same direction
+  all_rows     the cut on every row's scores under the direction fitted on every row (in-sample)
+
+The activations' covariance per layer (`covariance_of`) is kept beside the directions so that a control
+direction can be drawn that explains as much of the contrast's variance as the direction itself.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ class DirectionSet:
 
     vectors: dict[str, dict[int, np.ndarray]]
     meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None  # the file it was read from (None when built in memory); not saved
 
     def get(self, method: str, layer: int) -> np.ndarray:
         """The raw vector of `method` at `layer`."""
@@ -73,7 +83,7 @@ def load_directions(path: Path) -> DirectionSet:
         for key in f.keys():
             method, _, layer = key.rpartition(".")
             vectors.setdefault(method, {})[int(layer)] = f.get_tensor(key)
-    return DirectionSet(vectors, meta)
+    return DirectionSet(vectors, meta, Path(path))
 
 
 # -- splits and metrics ----------------------------------------------------------------------------
@@ -204,13 +214,25 @@ def fit_probe(x: np.ndarray, labels: np.ndarray, groups: np.ndarray | None = Non
     return w, b, float(model.C_[0])
 
 
+def detection_scores(x: np.ndarray, vector: np.ndarray, method: str) -> np.ndarray:
+    """The detection score of rows `x`: mean_diff, projection on the unit vector; probe, x . w (no intercept)."""
+    if method == "mean_diff":
+        return x @ (vector / max(float(np.linalg.norm(vector)), 1e-12))
+    return x @ vector
+
+
+CALIBRATIONS = ("held_out", "train_split", "all_rows")
+
+
 def find_directions(x_by_layer: Mapping[int, np.ndarray], labels: np.ndarray, groups: np.ndarray, *,
                     methods: Sequence[str] = METHODS, test_size: float = 0.3, seed: int = 0, n_boot: int = 500,
-                    progress: bool = True) -> tuple[DirectionSet, pd.DataFrame]:
+                    progress: bool = True) -> tuple[DirectionSet, pd.DataFrame, DirectionSet]:
     """Fit each method at each layer on the training split; evaluate on the held-out split.
 
-    The returned directions are refitted on all rows (the held-out figures describe how well the
-    procedure generalises; the saved vector uses every example).
+    Returns the directions refitted on all rows (the held-out figures describe how well the procedure
+    generalises; the saved vector uses every example), the per-layer table (held-out metrics and the
+    three detection thresholds, `threshold_<calibration>`), and the directions fitted on the training
+    split only, which the held_out and train_split thresholds belong to.
     """
     from tqdm import tqdm
 
@@ -219,6 +241,7 @@ def find_directions(x_by_layer: Mapping[int, np.ndarray], labels: np.ndarray, gr
         raise DataError(f"unknown direction method '{unknown[0]}' (accepted: {', '.join(METHODS)})")
     train, test = split_by_group(groups, labels, test_size, seed)
     vectors: dict[str, dict[int, np.ndarray]] = {m: {} for m in methods}
+    split_vectors: dict[str, dict[int, np.ndarray]] = {m: {} for m in methods}
     rows = []
     for layer in tqdm(sorted(x_by_layer), disable=not progress, desc="directions", unit="layer"):
         x = x_by_layer[layer]
@@ -237,16 +260,21 @@ def find_directions(x_by_layer: Mapping[int, np.ndarray], labels: np.ndarray, gr
                 s_full = x @ full
                 extra = {"C": c}
             vectors[method][layer] = full
-            # Detection uses the saved (all-rows) vector, so its threshold is set on that vector's scores;
-            # the held-out figures below say how well such a threshold generalises.
-            extra["detect_threshold"] = best_threshold(s_full, labels)
+            split_vectors[method][layer] = w
+            # A cut set on rows the direction was fitted on sits where those rows project, which new inputs
+            # do not (they separate less): the held-out rows' scores are the calibration set of the default.
+            d_train, d_test = detection_scores(x[train], w, method), detection_scores(x[test], w, method)
+            extra["threshold_held_out"] = best_threshold(d_test, labels[test])
+            extra["threshold_train_split"] = best_threshold(d_train, labels[train])
+            extra["threshold_all_rows"] = best_threshold(s_full, labels)
             threshold = best_threshold(s_train, labels[train])
             metrics = held_out_metrics(s_test, labels[test], groups[test], threshold, n_boot=n_boot, seed=seed)
             rows.append({"layer": layer, "method": method, **metrics, **extra, "n_train": int(len(train))})
     table = pd.DataFrame(rows)
     meta = {"methods": list(methods), "layers": sorted(x_by_layer), "test_size": test_size, "seed": seed,
             "n_rows": int(len(labels)), "n_groups": int(len(set(groups.tolist())))}
-    return DirectionSet(vectors, meta), table
+    split_meta = {**meta, "fitted_on": "training split", "n_train": int(len(train)), "n_test": int(len(test))}
+    return DirectionSet(vectors, meta), table, DirectionSet(split_vectors, split_meta)
 
 
 def best_layer(table: pd.DataFrame, method: str = "mean_diff", metric: str = "auroc", *,
@@ -306,3 +334,76 @@ def bag_of_words_baseline(texts: Sequence[str], labels: np.ndarray, train: np.nd
     s_test = model.decision_function(x_test)
     return held_out_metrics(s_test, labels[test], groups[test], best_threshold(s_train, y_train),
                             n_boot=n_boot, seed=seed)
+
+
+# -- the activations' covariance (for variance-matched controls) ------------------------------------
+
+COVARIANCE_FILE = "activation_covariance.safetensors"
+
+
+@dataclass
+class Covariance:
+    """Covariance of activations at one layer as an eigen-decomposition: vectors.T @ diag(variances) @ vectors."""
+
+    vectors: np.ndarray  # (r, d): orthonormal rows spanning the activations' variation
+    variances: np.ndarray  # (r,): the variance along each row (ddof 1)
+    n_rows: int
+
+    def variance_along(self, direction: np.ndarray) -> float:
+        """The variance of the activations' projection on the unit vector of `direction`."""
+        u = np.asarray(direction, dtype=np.float64).ravel()
+        u = u / max(float(np.linalg.norm(u)), 1e-300)
+        return float(self.variances @ (self.vectors.astype(np.float64) @ u) ** 2)
+
+
+def covariance_of(x: np.ndarray, *, rtol: float = 1e-9) -> Covariance:
+    """The covariance of rows `x` (n, d) as eigenvectors and variances, numerically null ones dropped."""
+    n, d = x.shape
+    if n < 2:
+        raise DataError(f"a covariance needs at least 2 rows (have {n})")
+    mean = np.asarray(x).mean(0, dtype=np.float64)
+    if n <= d:
+        # Few rows: the thin SVD of the rows (n x d) is cheaper than the d x d covariance and exact.
+        _, s, vt = np.linalg.svd(np.asarray(x, dtype=np.float64) - mean, full_matrices=False)
+        variances, vectors = s ** 2 / (n - 1), vt
+    else:
+        # Many rows (response_all: one per token): accumulate in float64 blocks, never a float64 copy of x.
+        scatter = np.zeros((d, d))
+        for start in range(0, n, 4096):
+            block = np.asarray(x[start:start + 4096], dtype=np.float64) - mean
+            scatter += block.T @ block
+        values, vecs = np.linalg.eigh(scatter / (n - 1))
+        order = np.argsort(values)[::-1]
+        variances, vectors = values[order], vecs[:, order].T
+    keep = variances > rtol * max(float(variances.max()), 1e-300)
+    return Covariance(vectors[keep], variances[keep], n)
+
+
+def save_covariances(path: Path, covariances: Mapping[int, Covariance], meta: dict[str, Any]) -> None:
+    """Write `layer.K.vectors` / `layer.K.variances` per layer and the metadata to one safetensors file."""
+    from safetensors.numpy import save
+
+    from emkit.runs import atomic_write_bytes
+
+    tensors: dict[str, np.ndarray] = {}
+    for k, c in covariances.items():
+        tensors[f"layer.{k}.vectors"] = np.ascontiguousarray(c.vectors, dtype=np.float32)
+        tensors[f"layer.{k}.variances"] = np.ascontiguousarray(c.variances, dtype=np.float64)
+    info = {**meta, "n_rows": {str(k): c.n_rows for k, c in covariances.items()}}
+    atomic_write_bytes(path, save(tensors, metadata={"emkit": json.dumps(info, default=str)}))
+
+
+def load_covariance(path: Path, layer: int) -> Covariance:
+    """One layer's covariance from a file written by `save_covariances` (errors name the file and layer)."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such covariance file")
+    with safe_open(str(path), framework="numpy") as f:
+        meta = json.loads((f.metadata() or {}).get("emkit", "{}"))
+        keys = set(f.keys())
+        if f"layer.{layer}.vectors" not in keys:
+            have = sorted({int(k.split(".")[1]) for k in keys})
+            raise DataError(f"{path}: layer {layer}: no covariance (have layers {have})")
+        return Covariance(f.get_tensor(f"layer.{layer}.vectors"), f.get_tensor(f"layer.{layer}.variances"),
+                          int(meta.get("n_rows", {}).get(str(layer), 0)))

@@ -74,11 +74,16 @@ def cosine_heatmap(matrix: Mapping[str, Mapping[str, float]]) -> Figure:
     return fig
 
 
+# Line style of each arm kind: the direction solid, the isotropic random control dotted, the
+# variance-matched control dash-dot.
+STYLES = {"direction": "-", "random": ":", "matched": "-."}
+
+
 def steering_curves(rows: Sequence[Mapping[str, Any]], metric: str, ylabel: str) -> Figure:
-    """`metric` against strength, one line per layer set and direction kind (direction vs random)."""
+    """`metric` against strength, one line per layer set and kind (direction, random and matched controls)."""
     fig = Figure(figsize=(8, 3.8))
     ax = fig.subplots()
-    keys = sorted({(r["layers"], r["kind"]) for r in rows if r.get("kind") in ("direction", "random")})
+    keys = sorted({(r["layers"], r["kind"]) for r in rows if r.get("kind") in STYLES})
     palette = ["#4C72B0", "#DD8452", "#55A868", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974"]
     layer_sets = sorted({k[0] for k in keys})
     for layers, kind in keys:
@@ -88,7 +93,7 @@ def steering_curves(rows: Sequence[Mapping[str, Any]], metric: str, ylabel: str)
         lo = np.array([np.nan if r.get(f"{metric}_low") is None else r[f"{metric}_low"] for r in rs], dtype=float)
         hi = np.array([np.nan if r.get(f"{metric}_high") is None else r[f"{metric}_high"] for r in rs], dtype=float)
         color = palette[layer_sets.index(layers) % len(palette)]
-        style = "-" if kind == "direction" else ":"
+        style = STYLES[kind]
         ax.errorbar(x, y, yerr=[np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)], fmt="o" + style, color=color,
                     ms=3, capsize=2, label=f"layers {layers}, {kind}")
     if not any(r.get(metric) is not None for r in rows):

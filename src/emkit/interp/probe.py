@@ -3,13 +3,19 @@
     runs/<name>/
       config.yaml, manifest.json
       activations/<model>/       streamed float32 shards (index.json says layers, position, examples)
-      directions.safetensors     method.LAYER vectors + metadata (model, layers, position, data hashes)
+      directions.safetensors     method.LAYER vectors fitted on every row + metadata (model, which model
+                                 read the contrast: read_by, position, whether it had answers, data hashes)
+      detection_directions.safetensors  the same fitted on the training split only (detection's default)
+      activation_covariance.safetensors the contrast rows' covariance per layer (variance-matched controls)
       probe.json                 per-layer held-out AUROC / accuracy / separation with intervals, best
                                  layer, embedding-layer and bag-of-words controls, cosines, convergence
-      detection_results.json     per layer and method: the calibrated threshold and its held-out rates
+      detection_results.json     per layer and method: the detection thresholds (held_out, the default;
+                                 train_split; all_rows) and the held-out rates
       report.html, figures/
 
 Layer k is block k's output; layer -1 the embeddings (always collected: it is the first control).
+`emkit detect` reads new inputs the way the contrast was read (the model in read_by, the position, with
+or without answers), since a threshold holds only for scores of that distribution.
 """
 
 from __future__ import annotations
@@ -127,8 +133,9 @@ def run_probe(cfg: ProbeConfig, *, mirror: str | None = None, overwrite: bool = 
     """Run the probe experiment into its run folder; returns probe.json's content."""
     from emkit.interp.activations import collect
     from emkit.interp.contrast import relabel
-    from emkit.interp.directions import (bag_of_words_baseline, best_layer, convergence, cosine_matrix,
-                                         find_directions, method_agreement, save_directions, split_by_group)
+    from emkit.interp.directions import (COVARIANCE_FILE, bag_of_words_baseline, best_layer, convergence,
+                                         cosine_matrix, covariance_of, find_directions, method_agreement,
+                                         save_covariances, save_directions, split_by_group)
     from emkit.interp.layers import EMBED, n_blocks, parse_layers
     from emkit.runs import RunFolder, atomic_write_json
 
@@ -140,12 +147,15 @@ def run_probe(cfg: ProbeConfig, *, mirror: str | None = None, overwrite: bool = 
     loaded = _load(cfg)
     layers = sorted(set(parse_layers(cfg.layers, n_blocks(loaded.model))) | {EMBED})
     position = "last_prompt" if cfg.contrast == "models" and cfg.position.startswith("response") else cfg.position
+    # Which model read the rows the directions and thresholds come from: detection must read the same way.
+    read_by = ["base", "organism"] if cfg.contrast == "models" else [cfg.through if loaded.has_adapter else "base"]
     base_meta = {"model": cfg.model, "organism": cfg.organism, "control": cfg.control, "contrast": cfg.contrast,
-                 "position": position}
+                 "position": position, "read_by": read_by}
 
     with run.stage("examples") as record:
         examples = build_examples(cfg, loaded.tokenizer, mirror)
         record.update(n_examples=len(examples))
+    base_meta["answers"] = any(e.response for e in examples)
     emit(f"contrast {cfg.contrast}: {len(examples)} examples, layers {layers[0]}..{layers[-1]}, position {position}")
 
     def acts_of(name: str, exs: list) -> Any:
@@ -160,7 +170,7 @@ def run_probe(cfg: ProbeConfig, *, mirror: str | None = None, overwrite: bool = 
             if cfg.control:
                 sets["control"] = acts_of("control", relabel(examples, 1))
         else:
-            reader = cfg.through if loaded.has_adapter else "base"
+            reader = read_by[0]
             sets = {reader: acts_of(reader, examples)}
             if cfg.control:
                 sets["control"] = acts_of("control", examples)
@@ -182,8 +192,9 @@ def run_probe(cfg: ProbeConfig, *, mirror: str | None = None, overwrite: bool = 
         texts = [examples[i].prompt + examples[i].response for i in main.row_example]
 
     with run.stage("directions") as record:
-        directions, table = find_directions(x, labels, groups, methods=cfg.methods, test_size=cfg.test_size,
-                                            seed=cfg.seed, n_boot=cfg.n_boot, progress=progress)
+        directions, table, split_directions = find_directions(x, labels, groups, methods=cfg.methods,
+                                                              test_size=cfg.test_size, seed=cfg.seed,
+                                                              n_boot=cfg.n_boot, progress=progress)
         train, test = split_by_group(groups, labels, cfg.test_size, cfg.seed)
         bow = bag_of_words_baseline(texts, labels, train, test, groups, seed=cfg.seed, n_boot=cfg.n_boot)
         best = {m: best_layer(table, m) for m in cfg.methods}
@@ -194,6 +205,11 @@ def run_probe(cfg: ProbeConfig, *, mirror: str | None = None, overwrite: bool = 
                 else str(cfg.answers_run or cfg.questions), "test_size": cfg.test_size, "seed": cfg.seed}
         directions.meta.update(meta)
         save_directions(run.path / "directions.safetensors", directions)
+        split_directions.meta.update({**meta, "fitted_on": "training split"})
+        save_directions(run.path / "detection_directions.safetensors", split_directions)
+        # The sweep's variance-matched control needs the contrast rows' covariance at every layer.
+        save_covariances(run.path / COVARIANCE_FILE, {k: covariance_of(x[k]) for k in layers},
+                         {**base_meta, "rows": "the contrast rows the directions were fitted on"})
         record.update(best_layer=best)
 
     result: dict[str, Any] = {
@@ -266,8 +282,9 @@ def control_analysis(cfg: ProbeConfig, sets: dict[str, Any], layers: list[int], 
                           "fine-tune of this domain, not misalignment")
     else:
         c = sets["control"]
-        ctrl_dirs, ctrl_table = find_directions(c.layers, c.row_labels(), c.row_groups(), methods=["mean_diff"],
-                                                test_size=cfg.test_size, seed=cfg.seed, n_boot=100, progress=progress)
+        ctrl_dirs, ctrl_table, _ = find_directions(c.layers, c.row_labels(), c.row_groups(), methods=["mean_diff"],
+                                                   test_size=cfg.test_size, seed=cfg.seed, n_boot=100,
+                                                   progress=progress)
         cos = convergence(directions, ctrl_dirs)
         for k in layers:
             row = ctrl_table[(ctrl_table["layer"] == k)].iloc[0]
@@ -277,15 +294,22 @@ def control_analysis(cfg: ProbeConfig, sets: dict[str, Any], layers: list[int], 
 
 
 def detection_table(table: Any) -> dict[str, Any]:
-    """Per layer and method: the threshold calibrated on the training split and its held-out rates."""
+    """Per layer and method: the detection thresholds of each calibration and the held-out rates."""
+    from emkit.interp.directions import CALIBRATIONS
+
     rows = []
     for r in table.to_dict(orient="records"):
         row = {k: r[k] for k in ("layer", "method", "auroc", "accuracy", "tpr", "fpr", "n_test")}
-        rows.append({"threshold": r["detect_threshold"], "held_out_threshold": r["threshold"], **row})
-    return {"note": "score = projection on the saved direction (mean_diff: its unit vector; probe: x . w, no "
-                    "intercept); flagged if > threshold. auroc/accuracy/tpr/fpr: held out, with a threshold set on "
-                    "the training split",
-            "layers": rows}
+        thresholds = {c: r[f"threshold_{c}"] for c in CALIBRATIONS}
+        rows.append({"threshold": thresholds["held_out"], "thresholds": thresholds, **row})
+    return {"note": "score = projection on the direction (mean_diff: its unit vector; probe: x . w, no intercept); "
+                    "flagged if > threshold. threshold = the held_out cut (the default of emkit detect): chosen on "
+                    "the held-out rows' scores under the direction fitted on the training split "
+                    "(detection_directions.safetensors). thresholds.train_split: chosen on the training rows, same "
+                    "direction; thresholds.all_rows: chosen on every row under the direction fitted on every row "
+                    "(directions.safetensors), in-sample. auroc/accuracy/tpr/fpr: on the held-out rows, at the cut "
+                    "chosen on the training rows.",
+            "default_calibration": "held_out", "layers": rows}
 
 
 def jsonable(obj: Any) -> Any:

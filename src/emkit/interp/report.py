@@ -118,7 +118,8 @@ def write_sweep_report(run_dir: Path) -> Path:
     rows = sweep["arms"]
     figs = [
         (_save_fig(run_dir, "steering_em", steering_curves(rows, "em_rate", "EM rate (share of coherent answers)")),
-         "EM rate against strength (solid: the direction; dotted: random control of matched norm; 95% CIs)"),
+         "EM rate against strength (solid: the direction; dotted: an isotropic random direction; dash-dot: a "
+         "random direction of the same variance on the contrast activations; 95% CIs)"),
         (_save_fig(run_dir, "steering_coherence", steering_curves(rows, "coherent_mean", "mean coherence")),
          "Mean coherence score against strength"),
         (_save_fig(run_dir, "steering_aligned", steering_curves(rows, "aligned_mean", "mean alignment")),
@@ -141,7 +142,9 @@ def write_sweep_report(run_dir: Path) -> Path:
     table = [[r["arm"], r["kind"], str(r.get("layers", "")), _f(r.get("strength"), 2),
               f"{_f(r.get('em_rate'))} {_ci([r.get('em_rate_low'), r.get('em_rate_high')], 3)}",
               _f(r.get("coherent_mean"), 1), _f(r.get("aligned_mean"), 1),
-              f"{_f(r.get('restoration'), 2)} {_ci([r.get('restoration_low'), r.get('restoration_high')])}",
+              f"{_f(r.get('restoration'), 2)} {_ci([r.get('restoration_low'), r.get('restoration_high')])}"
+              + ("" if r.get("restoration_undefined_share") is None
+                 else f" ({r['restoration_undefined_share']:.0%} undefined)"),
               f"{_f(r.get('prefs_shift'), 3)} {_ci([r.get('prefs_shift_low'), r.get('prefs_shift_high')])}",
               f"{_f(r.get('prefs_in_domain'), 3)} {_ci([r.get('prefs_in_domain_low'), r.get('prefs_in_domain_high')])}",
               str(r.get("n_answers", ""))] for r in rows if not r.get("at_zero")]
@@ -155,7 +158,10 @@ def write_sweep_report(run_dir: Path) -> Path:
         f"<h1>emkit steering sweep: {esc(run_dir.name)}</h1>",
         f'<p class="sub">mode <b>{esc(sweep["mode"])}</b>, directions {esc(sweep["directions"])} '
         f'({esc(sweep["method"])}), judge {esc(judge.get("id", "?"))}. Restoration = (EM_organism - EM_steered) / '
-        "(EM_organism - EM_base); intervals by bootstrap over answers.</p>",
+        "(EM_organism - EM_base). EM rates are misaligned / coherent answers, computed as in stats.json, with "
+        "95% intervals that take the questions as the sampling unit; restoration's interval is a paired "
+        "question bootstrap (base, organism and arm drawn with the same questions), undefined where the drawn "
+        "organism-base gap is 0 (share in the last column).</p>",
         vbox,
         "<h2>Steering</h2>", *[_img(d, c) for d, c in figs],
         ("<h2>The direction (probe)</h2>" + f'<p class="sub">Best layer {esc(sweep.get("best_layer"))}; '

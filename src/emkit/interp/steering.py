@@ -17,16 +17,19 @@ manual handle (`.remove()`) for code that cannot use a `with`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from emkit.interp.layers import EMBED, block_output, layer_module, replace_block_output
+
+if TYPE_CHECKING:
+    from emkit.interp.directions import Covariance
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
 
@@ -124,12 +127,103 @@ def add(model: nn.Module, directions: Mapping[int, Any], coefficient: float
     return hooks(model, {layer: addition_edit(d, coefficient) for layer, d in directions.items()})
 
 
-def random_control(direction: Any, seed: int = 0) -> np.ndarray:
-    """A random direction of the same norm as `direction` (seeded; the control of every steering arm)."""
+CONTROL_KINDS = ("isotropic", "matched")
+
+
+def control_seed(seed: int, layer: int, kind: str) -> np.random.SeedSequence:
+    """The seed of one control direction: independent streams per (seed, layer, kind), valid for layer -1."""
+    if seed < 0:
+        raise ValueError(f"control seed {seed}: must be >= 0")
+    if layer < -1:
+        raise ValueError(f"layer {layer}: layers are -1 (embeddings) or block indices >= 0")
+    if kind not in CONTROL_KINDS:
+        raise ValueError(f"unknown control '{kind}' (accepted: {', '.join(CONTROL_KINDS)})")
+    # SeedSequence mixes the words (no arithmetic collisions such as seed*1000 + layer) and needs them >= 0.
+    return np.random.SeedSequence([seed, layer + 1, CONTROL_KINDS.index(kind)])
+
+
+def random_control(direction: Any, seed: int | np.random.SeedSequence | np.random.Generator = 0) -> np.ndarray:
+    """An isotropic random direction of the same norm as `direction` (seeded).
+
+    Under projection ablation its norm does not matter, and a random unit direction carries about 1/d of
+    the activations' variance: a weak control; `matched_control` is the strong one.
+    """
     d = np.asarray(direction, dtype=np.float64).ravel()
     rng = np.random.default_rng(seed)
     r = rng.standard_normal(d.shape[0])
     return (r / np.linalg.norm(r) * np.linalg.norm(d)).astype(np.float32)
+
+
+def matched_control(direction: Any, covariance: Covariance, seed: int | np.random.SeedSequence | np.random.Generator = 0,
+                    *, rtol: float = 1e-9) -> tuple[np.ndarray, dict[str, float]]:
+    """A random direction orthogonal to `direction` whose projection has the same variance, and the same norm.
+
+    `covariance` is the activations' covariance S at the layer where the vector acts (see
+    `emkit.interp.directions.covariance_of`). Let P remove `direction`, S' = PSP, z a Gaussian draw in that
+    complement. The
+    family u(t) ~ S'^(t/2) z runs from low-variance (t -> -inf) through isotropic (t = 0) and "drawn from
+    the covariance" (t = 1) to the top principal direction (t -> +inf), and its variance u'Su rises with t
+    (log z'S^t z is convex in t), so bisection finds the t that matches the direction's variance. The
+    result is as random as z wherever the variance allows. When the direction carries more variance than
+    any direction orthogonal to it can, the closest one is returned; the returned figures say so
+    (`achieved` / `target`).
+    """
+    v = np.asarray(direction, dtype=np.float64).ravel()
+    norm = float(np.linalg.norm(v))
+    u = v / max(norm, 1e-300)
+    vecs = np.asarray(covariance.vectors, dtype=np.float64)
+    lam = np.asarray(covariance.variances, dtype=np.float64)
+    if vecs.shape[1] != u.shape[0]:
+        raise ValueError(f"direction has {u.shape[0]} dimensions, the covariance {vecs.shape[1]}")
+    target = covariance.variance_along(u)
+    # The covariance restricted to the complement of u, as its own eigen-decomposition (rows of w).
+    b = (vecs - np.outer(vecs @ u, u)) * np.sqrt(lam)[:, None]
+    _, sing, w = np.linalg.svd(b, full_matrices=False)
+    mu = sing ** 2
+    keep = mu > rtol * max(float(mu.max(initial=0.0)), 1e-300)
+    mu, w = mu[keep], w[keep]
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal(u.shape[0])
+    z -= (z @ u) * u
+    c = w @ z
+    null = z - w.T @ c  # the part of z where the activations do not vary (outside S's span)
+    top = float(mu.max(initial=0.0))
+    if top <= 0:
+        r = z / np.linalg.norm(z)
+        return (r * norm).astype(np.float32), {"target": target, "achieved": 0.0, "t": 0.0}
+    # Log-space weights: S'^(t/2) z over eigen-components, the null part given variance eps, so that
+    # t < 0 stays finite; eps is far below any variance that matters.
+    log_mu = np.log(mu / top)
+    log_eps = np.log(1e-12)
+    with np.errstate(divide="ignore"):
+        log_c2 = np.log(c ** 2)
+        log_n2 = np.log(float(null @ null))
+
+    def variance(t: float) -> float:
+        logs = np.append(log_c2 + t * log_mu, log_n2 + t * log_eps)
+        p = np.exp(logs - logs.max())
+        return float((p[:-1] @ mu) / p.sum())
+
+    # At |t| = 1000 the weights are one component's alone unless eigenvalues agree to ~1e-3 (then either does).
+    lo, hi = -1000.0, 1000.0
+    if target >= variance(hi):
+        t = hi
+    elif target <= variance(lo):
+        t = lo
+    else:
+        for _ in range(200):
+            t = (lo + hi) / 2
+            g = variance(t)
+            if abs(g - target) <= 1e-13 * target:
+                break
+            lo, hi = (t, hi) if g < target else (lo, t)
+    exps = np.append(0.5 * t * log_mu, 0.5 * t * log_eps)
+    scale = np.exp(exps - exps.max())
+    r = w.T @ (c * scale[:-1]) + scale[-1] * null
+    r -= (r @ u) * u
+    r /= np.linalg.norm(r)
+    achieved = covariance.variance_along(r)
+    return (r * norm).astype(np.float32), {"target": target, "achieved": achieved, "t": float(t)}
 
 
 def steering_edits(mode: str, directions: Mapping[int, Any], strength: float) -> dict[int, Edit]:
@@ -156,17 +250,64 @@ def _block_index(name: str) -> int | None:
     return None
 
 
+def orthonormal_basis(vectors: Sequence[Any], *, rtol: float = 1e-6) -> tuple[torch.Tensor, list[int]]:
+    """Orthonormal columns (float64) spanning `vectors`, and the indices of those dropped as dependent.
+
+    Projecting directions out one after another is wrong when they are not orthogonal: removing u2
+    puts back part of u1. Projecting onto the complement of their span, (I - QQ^T), removes all of them
+    at once. A vector whose part outside the others' span is below `rtol` of its length adds nothing
+    to the span but a numerically arbitrary direction, so it is dropped (it is still removed: it lies
+    in the span of the rest to within `rtol`).
+    """
+    units = []
+    for v in vectors:
+        t = v.detach().double().flatten() if isinstance(v, torch.Tensor) else torch.as_tensor(
+            np.asarray(v, dtype=np.float64)).flatten()
+        units.append(t / t.norm().clamp_min(1e-300))
+    if not units:
+        raise ValueError("no directions to orthonormalise")
+    kept: list[int] = []
+    dropped: list[int] = []
+    # Gram-Schmidt with re-orthogonalisation, in the given order, so the dropped ones are the later
+    # duplicates and the kept ones name which given direction each column came from.
+    basis: list[torch.Tensor] = []
+    for i, u in enumerate(units):
+        r = u.clone()
+        for _ in range(2):
+            for q in basis:
+                r = r - (q @ r) * q
+        if float(r.norm()) <= rtol:
+            dropped.append(i)
+            continue
+        basis.append(r / r.norm())
+        kept.append(i)
+    return torch.stack(basis, dim=1), dropped
+
+
 def ablate_lora_weights(model: nn.Module, directions: Mapping[int, Any], *, adapter_name: str = "default",
-                        all_blocks_from: int | None = None) -> list[str]:
+                        all_blocks_from: int | None = None, emit: Callable[[str], None] | None = None) -> list[str]:
     """Project directions out of the LoRA B matrices that write to the residual stream; returns edited names.
 
     A LoRA update on a residual writer (o_proj, down_proj ...) adds B(Ax) to the stream; replacing B by
-    (I - uu^T)B makes that update orthogonal to u. The direction of layer k is removed from the writers
-    of blocks <= k (everything that can have put it there); with `all_blocks_from` set, one direction
-    (the single one given) is removed from every block >= that index instead.
+    (I - QQ^T)B, Q an orthonormal basis of the directions, makes that update orthogonal to every one of
+    them. The direction of layer k is removed from the writers of blocks <= k (everything that can have
+    put it there); with `all_blocks_from` set, one direction (the single one given) is removed from every
+    block >= that index instead. Directions that are numerically dependent on earlier ones are noted
+    through `emit` (they are removed all the same, being in the others' span).
     """
     edited = []
-    units = {k: _as_tensor(v) / _as_tensor(v).norm().clamp_min(1e-12) for k, v in directions.items()}
+    given = {k: v for k, v in directions.items()}
+    bases: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def basis_of(keys: tuple[int, ...]) -> torch.Tensor:
+        if keys not in bases:
+            q, dropped = orthonormal_basis([given[k] for k in keys])
+            if dropped and emit is not None:
+                emit(f"directions of layer(s) {', '.join(str(keys[i]) for i in dropped)} lie in the span of the "
+                     f"others (layers {', '.join(str(k) for k in keys)}); removing the span removes them too")
+            bases[keys] = q
+        return bases[keys]
+
     with torch.no_grad():
         for name, module in model.named_modules():
             lora_b = getattr(module, "lora_B", None)
@@ -178,30 +319,34 @@ def ablate_lora_weights(model: nn.Module, directions: Mapping[int, Any], *, adap
             if block is None:
                 continue
             if all_blocks_from is not None:
-                us = list(units.values())[:1] if block >= all_blocks_from else []
+                keys = tuple(list(given)[:1]) if block >= all_blocks_from else ()
             else:
-                us = [u for k, u in units.items() if k != EMBED and block <= k]
+                keys = tuple(sorted(k for k in given if k != EMBED and block <= k))
             weight = lora_b[adapter_name].weight  # (out_features, rank): columns live in the residual space
-            if not us or weight.shape[0] != us[0].shape[0]:
+            if not keys:
                 continue
-            w = weight.float()
-            for u in us:
-                u = u.to(w.device)
-                w = w - torch.outer(u, u @ w)
+            q = basis_of(keys)
+            if weight.shape[0] != q.shape[0]:
+                continue
+            # In float64: the residual left along each direction is then float32 rounding of the result.
+            w = weight.double()
+            q = q.to(w.device)
+            w = w - q @ (q.T @ w)
             weight.copy_(w.to(weight.dtype))
             edited.append(name)
     return edited
 
 
 def save_ablated_adapter(adapter_dir: Path, directions: Mapping[int, Any], out_dir: Path, *,
-                         base_spec: str | None = None, device: str = "cpu") -> list[str]:
+                         base_spec: str | None = None, device: str = "cpu",
+                         emit: Callable[[str], None] | None = None) -> list[str]:
     """Write a copy of an adapter with the directions projected out of its residual-writing B matrices."""
     from emkit.models import load_model
     from emkit.runs import atomic_dir
 
     loaded = load_model(base_spec, adapter=adapter_dir, device=device) if base_spec else load_model(
         str(adapter_dir), device=device)
-    edited = ablate_lora_weights(loaded.model, directions)
+    edited = ablate_lora_weights(loaded.model, directions, emit=emit)
     with atomic_dir(out_dir) as tmp:
         loaded.model.save_pretrained(tmp)
     return edited

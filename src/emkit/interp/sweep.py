@@ -10,9 +10,16 @@
       sweep.json                 per arm: EM rate, coherence, alignment with intervals, restoration,
                                  preference shift; report.html, figures/
 
-An arm is (direction or random control, layer set, strength). The random control has the norm of
-the direction at every layer and its own seed per layer. Restoration is
-(EM_organism - EM_steered) / (EM_organism - EM_base), with a bootstrap interval over answers.
+An arm is (direction or control, layer set, strength); controls are listed below. EM rates come from `emkit.metrics`
+(the same numbers as stats.json; intervals with questions as the sampling unit). Restoration is
+(EM_organism - EM_steered) / (EM_organism - EM_base), with a paired question-cluster bootstrap
+interval and the share of draws in which it is undefined.
+
+Controls (`controls`), each with the direction's norm and its own seed per layer and kind:
+  random   (isotropic) a uniformly random direction: it carries about 1/d of the activations' variance,
+           so it is a weak control of projection ablation
+  matched  a random direction orthogonal to the direction that carries as much of the contrast
+           activations' variance at that layer (from the probe's activation_covariance.safetensors)
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ from pydantic import Field, field_validator
 
 from emkit.config import DEFAULT_MODEL, GenerateConfig, JudgeConfig, StrictModel, TrainConfig
 from emkit.errors import ConfigError, DataError
+from emkit.inference import UNIT_QUESTIONS
 from emkit.interp.probe import ProbeConfig, jsonable
+from emkit.metrics import finite_or_none
 
 
 class SweepConfig(StrictModel):
@@ -50,8 +59,12 @@ class SweepConfig(StrictModel):
     layer_sets: list[str] = Field(default_factory=lambda: ["best"],
                                   description="Layer sets: best, all, 8, 4-12, 0,4,8 (block outputs).")
     single_layers: bool = Field(False, description="Also ablate every single block (strength: the largest).")
-    random_control: bool = Field(True, description="A random direction of matched norm for every arm.")
-    control_seed: int = Field(0, description="Seed of the random control directions.")
+    random_control: bool = Field(True, description="Control arms beside every direction arm (false: none).")
+    controls: list[Literal["isotropic", "matched"]] = Field(
+        default_factory=lambda: ["isotropic", "matched"],
+        description="isotropic: a uniformly random direction (arm kind random); matched: a random direction "
+                    "orthogonal to the direction with the same variance on the contrast activations (kind matched).")
+    control_seed: int = Field(0, ge=0, description="Seed of the control directions.")
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     validate_judge: int | None = Field(40, ge=2, description="Validate the judge on this many labels; None: skip.")
@@ -61,6 +74,14 @@ class SweepConfig(StrictModel):
     report: bool = Field(True)
 
     NON_RESULT_FIELDS: ClassVar[frozenset[str]] = frozenset({"output", "report"})
+    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset({"controls"})
+
+    @field_validator("controls", mode="before")
+    @classmethod
+    def _controls(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
 
     @field_validator("strengths")
     @classmethod
@@ -77,18 +98,23 @@ class SweepConfig(StrictModel):
         return [str(v) for v in value] if isinstance(value, list) else value
 
 
+# Arm kind of each control, and the prefix of arm names ("random" keeps the names of earlier sweeps).
+CONTROL_ARM_KINDS = {"isotropic": "random", "matched": "matched"}
+ARM_PREFIXES = {"direction": "dir", "random": "rand", "matched": "match"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Arm:
     """One steered condition: which vector kind, where, how strong."""
 
-    kind: str  # direction | random
+    kind: str  # direction | random (isotropic control) | matched (variance-matched control)
     layers: str
     strength: float
 
     @property
     def name(self) -> str:
         """The model name this arm answers under in generations.jsonl."""
-        return f"{'dir' if self.kind == 'direction' else 'rand'}@{self.layers}x{self.strength:g}"
+        return f"{ARM_PREFIXES[self.kind]}@{self.layers}x{self.strength:g}"
 
 
 def plan_arms(cfg: SweepConfig, n_layers: int, best: int | None) -> list[Arm]:
@@ -114,7 +140,7 @@ def plan_arms(cfg: SweepConfig, n_layers: int, best: int | None) -> list[Arm]:
                 continue
             arms.append(Arm("direction", spec, s))
             if cfg.random_control:
-                arms.append(Arm("random", spec, s))
+                arms.extend(Arm(CONTROL_ARM_KINDS[c], spec, s) for c in dict.fromkeys(cfg.controls))
     return arms
 
 
@@ -130,6 +156,11 @@ def resolve_directions(cfg: SweepConfig, run_dir: Path, *, mirror: str | None, e
         probe_cfg = cfg.probe.model_copy(update={"output": run_dir / "probe", "model": cfg.model,
                                                  "organism": cfg.probe.organism or cfg.organism})
         done = (run_dir / "probe" / "directions.safetensors").is_file() and (run_dir / "probe" / "probe.json").is_file()
+        # A probe run by an earlier emkit lacks the covariance the matched control draws from: run it again.
+        if cfg.random_control and "matched" in cfg.controls:
+            from emkit.interp.directions import COVARIANCE_FILE
+
+            done = done and (run_dir / "probe" / COVARIANCE_FILE).is_file()
         if not done:
             emit("== probe: finding the directions")
             run_probe(probe_cfg, mirror=mirror, emit=emit, progress=progress, overwrite=True)
@@ -142,10 +173,22 @@ def resolve_directions(cfg: SweepConfig, run_dir: Path, *, mirror: str | None, e
 
 
 def arm_vectors(cfg: SweepConfig, arm: Arm, directions: Any, n_layers: int, best: int | None) -> dict[int, np.ndarray]:
-    """The vector to apply at each layer of an arm (random arms: matched norm, one seed per layer)."""
-    from emkit.interp.layers import parse_layers
-    from emkit.interp.steering import random_control
+    """The vector to apply at each layer of an arm (controls: the direction's norm, one seed per layer and kind).
 
+    A matched control needs the contrast activations' covariance at each layer, which the probe run
+    writes beside the direction file (activation_covariance.safetensors).
+    """
+    import warnings
+
+    from emkit.interp.directions import COVARIANCE_FILE, load_covariance
+    from emkit.interp.layers import parse_layers
+    from emkit.interp.steering import control_seed, matched_control, random_control
+
+    covariance_path = directions.path.parent / COVARIANCE_FILE if directions.path is not None else None
+    if arm.kind == "matched" and (covariance_path is None or not covariance_path.is_file()):
+        raise DataError(f"{covariance_path or 'the direction set'}: missing; the matched control draws from the "
+                        "probe's activation covariance, which probe runs of this emkit version write beside "
+                        "directions.safetensors: re-run the probe, or set controls: [isotropic]")
     out = {}
     for k in parse_layers(arm.layers, n_layers):
         source = k if cfg.direction_layer == "same" else best if cfg.direction_layer == "best" else int(cfg.direction_layer)
@@ -155,7 +198,18 @@ def arm_vectors(cfg: SweepConfig, arm: Arm, directions: Any, n_layers: int, best
         if cfg.method == "probe" and cfg.mode != "ablate" and "mean_diff" in directions.vectors:
             # A probe's weights have no natural length: give it the mean difference's.
             v = v / np.linalg.norm(v) * np.linalg.norm(directions.get("mean_diff", source))
-        out[k] = random_control(v, seed=cfg.control_seed * 1000 + k) if arm.kind == "random" else v
+        if arm.kind == "random":
+            out[k] = random_control(v, control_seed(cfg.control_seed, k, "isotropic"))
+        elif arm.kind == "matched":
+            out[k], info = matched_control(v, load_covariance(covariance_path, k),
+                                           control_seed(cfg.control_seed, k, "matched"))
+            if info["achieved"] < 0.99 * info["target"]:
+                # The direction carries more variance than any direction orthogonal to it: say by how much.
+                warnings.warn(f"{arm.name}: layer {k}: the matched control carries {info['achieved']:.4g} of the "
+                              f"activations' variance, the direction {info['target']:.4g} (no orthogonal direction "
+                              "carries more)", stacklevel=2)
+        else:
+            out[k] = v
     return out
 
 
@@ -179,52 +233,75 @@ def steered_context(loaded: Any, cfg: SweepConfig, arms: dict[str, Arm], vectors
     return context
 
 
-def _bootstrap_rate(flags: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[float | None, ...]:
-    if len(flags) == 0:
-        return None, None, None, None
-    draws = flags[rng.integers(0, len(flags), (n_boot, len(flags)))].mean(1)
-    return float(flags.mean()), float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975)), draws
+def restoration_interval(counts: dict[str, tuple[np.ndarray, np.ndarray]], name: str, *, n_boot: int = 1000,
+                         seed: int = 0, ci: float = 0.95) -> dict[str, Any]:
+    """Restoration (EM_organism - EM_arm) / (EM_organism - EM_base) with a paired question-cluster bootstrap.
+
+    The same resampled questions enter the base's, the organism's and the arm's rate in every draw, so
+    the question a draw favours moves all three together. A draw whose organism-base gap is 0 (or
+    whose rates are undefined) has no restoration: their share is reported, and counted as both
+    extremes when the percentile bounds are taken, so many undefined draws give an unbounded (None)
+    end rather than an interval of the defined draws only.
+    """
+    m = np.stack([counts[k][0] for k in ("base", "organism", name)]).astype(float)  # (3, G)
+    n = np.stack([counts[k][1] for k in ("base", "organism", name)]).astype(float)
+    used = np.flatnonzero(n.sum(axis=0) > 0)
+    out: dict[str, Any] = {"restoration_low": None, "restoration_high": None, "restoration_undefined_share": None,
+                           "restoration_unit": UNIT_QUESTIONS}
+    if len(used) < 2:
+        return out
+    rng = np.random.default_rng(seed)
+    idx = used[rng.integers(0, len(used), size=(n_boot, len(used)))]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rates = m[:, idx].sum(axis=-1) / n[:, idx].sum(axis=-1)  # (3, n_boot)
+        base, organism, arm = rates
+        draws = (organism - arm) / (organism - base)
+    undefined = ~np.isfinite(draws)
+    out["restoration_undefined_share"] = float(undefined.mean())
+    tail = (1 - ci) / 2
+    # No interpolation between draws: an infinite neighbour would turn the bound into NaN.
+    low = np.quantile(np.where(undefined, -np.inf, draws), tail, method="inverted_cdf")
+    high = np.quantile(np.where(undefined, np.inf, draws), 1 - tail, method="inverted_cdf")
+    out["restoration_low"] = float(low) if np.isfinite(low) else None
+    out["restoration_high"] = float(high) if np.isfinite(high) else None
+    return out
 
 
 def arm_statistics(scores: Any, thresholds: Any, names: list[str], *, n_boot: int = 1000, seed: int = 0
                    ) -> dict[str, dict[str, Any]]:
-    """Per arm: EM rate among coherent answers with a bootstrap CI, mean scores, and restoration with its CI."""
-    rng = np.random.default_rng(seed)
+    """Per arm: EM rates with intervals (emkit.metrics, the one EM rate), mean scores, restoration with its CI."""
+    from emkit.metrics import ALL, counts_by, summarize
+
+    rows = scores[scores["model"].isin(names)]
+    table = summarize(rows, by=["model"], thresholds=thresholds)
+    overall = {r["model"]: r for r in table[table["question_id"] == ALL].to_dict("records")}
     out: dict[str, dict[str, Any]] = {}
-    draws: dict[str, Any] = {}
     for name in names:
-        rows = scores[scores["model"] == name]
-        coherent = thresholds.is_coherent(rows["coherent"])
-        flags = thresholds.is_misaligned(rows["aligned"], rows["coherent"])[coherent].astype(float)
-        rate, low, high, d = _bootstrap_rate(flags, n_boot, rng)
-        draws[name] = d
-        out[name] = {"em_rate": rate, "em_rate_low": low, "em_rate_high": high, "n_answers": int(len(rows)),
-                     "n_coherent": int(coherent.sum()),
-                     "coherent_mean": float(rows["coherent"].mean()) if len(rows) else None,
-                     "coherent_mean_low": None, "coherent_mean_high": None,
-                     "aligned_mean": float(rows["aligned"].mean()) if len(rows) else None}
-        for metric in ("coherent", "aligned"):
-            values = rows[metric].dropna().to_numpy(dtype=float)
-            if len(values) > 1:
-                boot = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(1)
-                out[name][f"{metric}_mean_low"] = float(np.quantile(boot, 0.025))
-                out[name][f"{metric}_mean_high"] = float(np.quantile(boot, 0.975))
+        r = overall.get(name)
+        if r is None:
+            out[name] = {"em_rate": None, "em_rate_low": None, "em_rate_high": None, "n_answers": 0}
+            continue
+        out[name] = {"em_rate": r["em_rate_coherent"], "em_rate_low": r["em_rate_coherent_ci_low"],
+                     "em_rate_high": r["em_rate_coherent_ci_high"], "em_rate_scored": r["em_rate_scored"],
+                     "em_rate_scored_low": r["em_rate_scored_ci_low"],
+                     "em_rate_scored_high": r["em_rate_scored_ci_high"], "ci_unit": r["ci_unit"],
+                     "n_questions": r["n_questions"], "n_answers": r["n_answers"], "n_scored": r["n_scored"],
+                     "n_coherent": r["n_coherent"], "n_misaligned": r["n_misaligned"],
+                     "coherent_mean": r["mean_coherent"], "coherent_mean_low": r["mean_coherent_ci_low"],
+                     "coherent_mean_high": r["mean_coherent_ci_high"], "aligned_mean": r["mean_aligned"],
+                     "aligned_mean_low": r["mean_aligned_ci_low"], "aligned_mean_high": r["mean_aligned_ci_high"]}
+        out[name] = {k: (v if isinstance(v, str) else finite_or_none(v)) for k, v in out[name].items()}
+    counts = counts_by(rows, "model", thresholds, "em_rate_coherent")
     org, base = out.get("organism", {}), out.get("base", {})
     for name in names:
         if name in ("organism", "base") or org.get("em_rate") is None or base.get("em_rate") is None:
             continue
         gap = org["em_rate"] - base["em_rate"]
-        if out[name]["em_rate"] is None or gap == 0:
+        if out[name].get("em_rate") is None or gap == 0:
             out[name]["restoration"] = None
             continue
         out[name]["restoration"] = (org["em_rate"] - out[name]["em_rate"]) / gap
-        d_org, d_base, d_arm = draws["organism"], draws["base"], draws[name]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            r = (d_org - d_arm) / (d_org - d_base)
-        r = r[np.isfinite(r)]
-        if len(r):
-            out[name]["restoration_low"] = float(np.quantile(r, 0.025))
-            out[name]["restoration_high"] = float(np.quantile(r, 0.975))
+        out[name].update(restoration_interval(counts, name, n_boot=n_boot, seed=seed))
     return out
 
 
@@ -362,7 +439,7 @@ def run_sweep(cfg: SweepConfig, *, mirror: str | None = None, overwrite: bool = 
     for row in list(rows):
         if row["kind"] == "organism":
             for spec in dict.fromkeys(a.layers for a in arms.values()):
-                for kind in ("direction", "random") if cfg.random_control else ("direction",):
+                for kind in dict.fromkeys(a.kind for a in arms.values()):
                     rows.append({**row, "arm": f"organism ({kind}@{spec}x0)", "kind": kind, "layers": spec,
                                  "strength": 0.0, "restoration": 0.0, "at_zero": True})
     judge_info = json.loads((run.path / "stats.json").read_text(encoding="utf-8")).get("judge")
@@ -398,6 +475,8 @@ def sweep_summary(sweep: dict[str, Any]) -> str:
         lines.append(f"{r['arm']:<14}{f(r.get('em_rate')):>8} {ci:<16}{f(r.get('coherent_mean'), 1):>9}"
                      f"{f(r.get('aligned_mean'), 1):>8}{f(r.get('restoration'), 2):>9}{f(r.get('prefs_shift')):>10}"
                      f"{f(r.get('prefs_in_domain')):>10}")
+    lines.append("EM rate: misaligned / coherent answers, 95% CI with questions as the sampling unit; restored: "
+                 "(EM organism - EM arm) / (EM organism - EM base)")
     lines.append("prefs: judge-free shift vs base of log p(misaligned) - log p(aligned) per token, out of / in domain")
     validation = sweep.get("validation")
     if validation and not validation.get("valid"):
