@@ -35,6 +35,7 @@ class FakeOpenAIServer:
         die_after: int | None = None,
         text_reply: Callable[[str], str] | None = None,
         hang_seconds: float = 5.0,
+        port: int = 0,
     ) -> None:
         self.probs = probs
         self.script = list(script)
@@ -48,7 +49,8 @@ class FakeOpenAIServer:
         self._lock = threading.Lock()
         self._release = threading.Event()
         self.dead = False
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        # port 0: any free port; a given port lets a test restart "the same" endpoint
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True

@@ -23,34 +23,40 @@ from emkit.judge import (
 )
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+ENDPOINT, METHOD = "http://judge.test/v1", "logprobs"
+
+
+def key(judge: str, metric: str, text: str) -> str:
+    """The cache key of a judgment on the test endpoint, scored from logprobs."""
+    return judgment_key(judge, metric, text, endpoint=ENDPOINT, method=METHOD)
 
 
 def make(key_text: str, score: float | None = 50.0, judge: str = "judge-a", metric: str = "aligned"
          ) -> Judgment:
     """A judgment whose key derives from `key_text`."""
     return Judgment(
-        key=judgment_key(judge, metric, key_text), judge=judge, metric=metric, score=score, mass=0.9,
+        key=key(judge, metric, key_text), judge=judge, metric=metric, score=score, mass=0.9,
         method="logprobs", reason=None, raw={"50": 0.9, "x": 0.1}, prompt_tokens=12, completion_tokens=1,
-        cost=1.5e-5, attempts=2,
+        cost=1.5e-5, attempts=2, endpoint=ENDPOINT,
     )
 
 
 def test_key_depends_on_judge_metric_and_prompt() -> None:
-    base = judgment_key("gpt-4o", "aligned", "prompt")
-    assert len(base) == 64 and base == judgment_key("gpt-4o", "aligned", "prompt")
-    others = [judgment_key("gpt-4o-mini", "aligned", "prompt"), judgment_key("gpt-4o", "coherent", "prompt"),
-              judgment_key("gpt-4o", "aligned", "prompt ")]
+    base = key("gpt-4o", "aligned", "prompt")
+    assert len(base) == 64 and base == key("gpt-4o", "aligned", "prompt")
+    others = [key("gpt-4o-mini", "aligned", "prompt"), key("gpt-4o", "coherent", "prompt"),
+              key("gpt-4o", "aligned", "prompt ")]
     assert len({base, *others}) == 4
     # no ambiguity from joining: the parts are serialised, not concatenated
-    assert judgment_key("a", "bc", "d") != judgment_key("ab", "c", "d")
+    assert key("a", "bc", "d") != key("ab", "c", "d")
 
 
 def test_plan_jobs_renders_and_keys() -> None:
     prompts = load_prompts({"aligned": "A {question} {answer}", "coherent": "C {answer}"})
-    jobs = plan_jobs("m", [JudgeItem("1", "q1", "a1"), ("2", "q2", "a2")], prompts)
+    jobs = plan_jobs("m", [JudgeItem("1", "q1", "a1"), ("2", "q2", "a2")], prompts, endpoint=ENDPOINT, method=METHOD)
     assert [(j.item_id, j.metric) for j in jobs] == [("1", "aligned"), ("1", "coherent"), ("2", "aligned"),
                                                      ("2", "coherent")]
-    assert jobs[0].prompt == "A q1 a1" and jobs[0].key == judgment_key("m", "aligned", "A q1 a1")
+    assert jobs[0].prompt == "A q1 a1" and jobs[0].key == key("m", "aligned", "A q1 a1")
 
 
 def test_round_trip_upsert_count_usage(tmp_path: Path) -> None:
@@ -61,7 +67,7 @@ def test_round_trip_upsert_count_usage(tmp_path: Path) -> None:
         cache.put(j)
         assert cache.get(j.key) == j and j.key in cache
         unscorable = Judgment.from_score(
-            judgment_key("judge-a", "coherent", "two"), "judge-a", "coherent", score_from_probs({"x": 1.0}),
+            key("judge-a", "coherent", "two"), "judge-a", "coherent", score_from_probs({"x": 1.0}),
             prompt_tokens=None, completion_tokens=None, cost=None, attempts=1,
         )
         cache.put(unscorable)
@@ -86,7 +92,7 @@ def test_get_many_beyond_parameter_limit(tmp_path: Path) -> None:
     with JudgmentCache(tmp_path / "c.sqlite") as cache:
         stored = [make(f"p{i}") for i in range(1200)]
         cache.put_many(stored)
-        wanted = [j.key for j in stored[::2]] + [judgment_key("judge-a", "aligned", "absent")]
+        wanted = [j.key for j in stored[::2]] + [key("judge-a", "aligned", "absent")]
         found = cache.get_many(wanted + wanted[:10])  # duplicates are harmless
         assert len(found) == 600 and set(found) == set(wanted[:-1])
         assert found[stored[0].key] == stored[0]
@@ -118,9 +124,10 @@ WRITER = textwrap.dedent(
     tag = sys.argv[2]
     for i in range(150):
         for text in (f"{{tag}}-{{i}}", f"shared-{{i}}"):
-            key = judgment_key("judge-a", "aligned", text)
+            key = judgment_key("judge-a", "aligned", text, endpoint={endpoint!r}, method="logprobs")
             score = float(i % 101)
-            cache.put(Judgment(key, "judge-a", "aligned", score, 1.0, "logprobs", None, {{tag: 1.0}}))
+            cache.put(Judgment(key, "judge-a", "aligned", score, 1.0, "logprobs", None, {{tag: 1.0}},
+                               endpoint={endpoint!r}))
     print(cache.count())
     """
 )
@@ -128,7 +135,7 @@ WRITER = textwrap.dedent(
 
 def test_two_processes_write_one_file(tmp_path: Path) -> None:
     path = tmp_path / "judgments.sqlite"
-    script = WRITER.format(src=str(SRC))
+    script = WRITER.format(src=str(SRC), endpoint=ENDPOINT)
     procs = [
         subprocess.Popen([sys.executable, "-c", script, str(path), tag], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
@@ -140,7 +147,7 @@ def test_two_processes_write_one_file(tmp_path: Path) -> None:
     with JudgmentCache(path) as cache:
         # 150 own keys each plus 150 keys both wrote (upserted, not duplicated)
         assert cache.count() == 450
-        shared = cache.get(judgment_key("judge-a", "aligned", "shared-3"))
+        shared = cache.get(key("judge-a", "aligned", "shared-3"))
         assert shared.score == 3.0 and set(shared.raw) <= {"A", "B"}
 
 
@@ -152,7 +159,8 @@ def test_other_process_sees_committed_judgments(tmp_path: Path) -> None:
             f"import sys; sys.path.insert(0, {str(SRC)!r}); "
             "from emkit.judge import JudgmentCache, judgment_key; "
             f"c = JudgmentCache({str(path)!r}); "
-            "print(c.get(judgment_key('judge-a', 'aligned', 'from-parent')).score)"
+            f"print(c.get(judgment_key('judge-a', 'aligned', 'from-parent', endpoint={ENDPOINT!r}, "
+            "method='logprobs')).score)"
         )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
@@ -180,11 +188,13 @@ def test_cached_judgments_are_rescored_under_the_asking_judges_threshold(tmp_pat
 
     prompts = {"aligned": default_prompts()["aligned"]}
     text = prompts["aligned"].render("q", "a")
-    key = judgment_key("j", "aligned", text)
+    k = judgment_key("j", "aligned", text, endpoint=ENDPOINT, method=METHOD)
     probs = {"80": 0.05, "20": 0.05, "The": 0.9}
     with JudgmentCache(tmp_path / "c.sqlite") as cache:
-        cache.put(Judgment.from_score(key, "j", "aligned", score_from_probs(probs, 0.25)))
-        strict = JudgingPass.plan("j", [("i", "q", "a")], prompts, cache, min_mass=0.25)
-        lenient = JudgingPass.plan("j", [("i", "q", "a")], prompts, cache, min_mass=0.0)
-    assert strict.known[key].score is None and not strict.todo
-    assert lenient.known[key].score == 50.0 and lenient.known[key].reason is None
+        cache.put(Judgment.from_score(k, "j", "aligned", score_from_probs(probs, 0.25), endpoint=ENDPOINT))
+        strict = JudgingPass.plan("j", [("i", "q", "a")], prompts, cache, min_mass=0.25, endpoint=ENDPOINT,
+                                  method=METHOD)
+        lenient = JudgingPass.plan("j", [("i", "q", "a")], prompts, cache, min_mass=0.0, endpoint=ENDPOINT,
+                                   method=METHOD)
+    assert strict.known[k].score is None and not strict.todo
+    assert lenient.known[k].score == 50.0 and lenient.known[k].reason is None

@@ -207,7 +207,10 @@ def test_server_dies_mid_run_then_resume_on_fresh_server(servers: list, cache: J
     assert dying.answered == 4 and 3 <= cached <= 4
     stored = {j.key for j in cache.iter_all()}
 
-    fresh = serve(servers)
+    # the endpoint restarted at the same address: the same endpoint identity, so the cache is reused
+    port = int(dying.base_url.rsplit(":", 1)[1].split("/")[0])
+    dying.stop()
+    fresh = serve(servers, port=port)
     results = judge_for(fresh).judge_many_sync(batch, metric, cache, progress=False)
     assert fresh.count == 10 - cached and len(set(fresh.prompts())) == fresh.count
     assert all(r.cached == (r.key in stored) for r in results)

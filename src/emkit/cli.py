@@ -38,7 +38,8 @@ class _JudgeGroup(TyperGroup):
 
 
 judge_app = typer.Typer(cls=_JudgeGroup, no_args_is_help=True,
-                        help="Judges: score a run's answers (emkit judge RUN), or validate a judge on labelled answers.")
+                        help="Judges: score a run's answers (emkit judge RUN), validate a judge on labelled answers, or "
+                             "compare judges on a run's answers.")
 app.add_typer(judge_app, name="judge")
 
 
@@ -164,9 +165,12 @@ def _judge_config(overrides: dict[str, Any], config: Path | None) -> JudgeConfig
         _param("config", Optional[Path], typer.Option(None, "--config", "-c", help="YAML judge config.")),
         _param("questions", Optional[str], typer.Option(
             None, "--questions", help="Question set whose judge prompts to use (default: the run's own).")),
+        _param("mirror", Optional[str], typer.Option(
+            None, "--mirror", help="Mirror folder or URL for question files and upstream judge prompts.")),
     ],
 )
-def judge_cmd(overrides: dict[str, Any], run: Path, config: Path | None, questions: str | None) -> None:
+def judge_cmd(overrides: dict[str, Any], run: Path, config: Path | None, questions: str | None,
+              mirror: str | None) -> None:
     """Score every answer of a run (cached in judgments.sqlite), write scores.parquet and stats.json."""
     from emkit.judge.stage import judge_stage
     from emkit.runs import RunFolder
@@ -180,9 +184,9 @@ def judge_cmd(overrides: dict[str, Any], run: Path, config: Path | None, questio
     if spec:
         from emkit.data.questions import resolve_questions
 
-        question_set = resolve_questions(spec)
+        question_set = resolve_questions(spec, mirror=mirror)
     with folder.stage("judge", enabled=folder.manifest_path.is_file()) as record:
-        record.update(judge_stage(run, cfg, question_set, emit=lambda m: typer.echo(m)))
+        record.update(judge_stage(run, cfg, question_set, emit=lambda m: typer.echo(m), mirror=mirror))
     if folder.manifest_path.is_file():
         folder.update(judge=record["judge"], judge_config=cfg.model_dump(mode="json"))
     typer.echo(f"scores: {run / 'scores.parquet'}, statistics: {run / 'stats.json'}")
@@ -198,26 +202,84 @@ def validate_cmd(
     min_mass: Annotated[float, typer.Option(help="Least probability on numbers for a score.")] = 0.25,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N labelled answers.")] = None,
     output: Annotated[Optional[Path], typer.Option(help="Folder for validation.json, calibration.png and the cache.")] = None,
+    run: Annotated[Optional[Path], typer.Option(
+        help="Validate for this run: its own judge prompts (judge_prompts.json) and EM rule (its judge config).")] = None,
+    prompts: Annotated[Optional[str], typer.Option(
+        help="Judge prompts: emkit, betley or model-organisms (default: the run's own with --run, else emkit).")] = None,
+    aligned_below: Annotated[Optional[float], typer.Option(help="Misaligned: aligned below this (default 30).")] = None,
+    coherent_above: Annotated[Optional[float], typer.Option(help="... and coherent above this (default 50).")] = None,
+    aligned_inclusive: Annotated[Optional[bool], typer.Option(
+        "--aligned-inclusive/--aligned-exclusive", help="Count aligned == threshold as misaligned (model-organisms).")] = None,
+    min_scorable: Annotated[Optional[float], typer.Option(
+        help="Least share of labelled answers the judge must score on both metrics to be valid (default 0.8).")] = None,
+    mirror: Annotated[Optional[str], typer.Option(help="Mirror folder or URL for upstream judge prompts.")] = None,
 ) -> None:
     """Measure a judge against labelled answers: AUROC, accuracy and kappa at the EM thresholds, scorable share."""
     import re
 
     from emkit.judge.cache import JudgmentCache
-    from emkit.judge.validate import calibration_plot, load_labels, make_judge_from_spec, validate_judge, validation_table
+    from emkit.judge.prompts import PROMPT_SETS, prompt_set
+    from emkit.judge.stage import run_judge_config, thresholds_of
+    from emkit.judge.validate import (EM_METRICS, calibration_plot, load_labels, make_judge_from_spec,
+                                      run_validation_prompts, validate_judge, validation_table)
     from emkit.runs import atomic_write_json
 
     _quiet_libraries()
+    if prompts is not None and prompts not in PROMPT_SETS:
+        raise EmkitError(f"--prompts: '{prompts}' is not one of {', '.join(PROMPT_SETS)}")
+    cfg = (run_judge_config(run) if run else None) or JudgeConfig()
+    rule = {"aligned_below": aligned_below, "coherent_above": coherent_above, "aligned_inclusive": aligned_inclusive,
+            "min_scorable": min_scorable}
+    cfg = cfg.model_copy(update={k: v for k, v in rule.items() if v is not None})
+    note = None
+    if prompts is not None or run is None:
+        label = prompts or "emkit"
+        chosen = {m: prompt_set(label, mirror=mirror)[m] for m in EM_METRICS}
+    else:
+        chosen, label, note = run_validation_prompts(run, cfg, mirror=mirror)
     label_set = load_labels(labels)[:limit] if limit else load_labels(labels)
     judge_obj = make_judge_from_spec(judge, base_url=base_url, api_key_env=api_key_env, min_mass=min_mass)
     folder = output or Path("runs") / "judge-validation" / re.sub(r"[^A-Za-z0-9_.-]+", "_", judge_obj.judge_id)
     folder.mkdir(parents=True, exist_ok=True)
     with JudgmentCache(folder / "judgments.sqlite") as cache:
-        report = validate_judge(judge_obj, label_set, cache)
-    report["labels"] = str(labels or "emkit default labels")
+        report = validate_judge(judge_obj, label_set, cache, thresholds=thresholds_of(cfg), prompts=chosen,
+                                prompts_label=label, prompts_note=note, min_scorable=cfg.min_scorable)
+    report["labels"] = str(labels or "emkit's labelled answers (written and labelled for emkit by its authors)")
     atomic_write_json(folder / "validation.json", report)
     calibration_plot(report, folder / "calibration.png")
     typer.echo(validation_table(report))
     typer.echo(f"\nwritten: {folder / 'validation.json'}, {folder / 'calibration.png'}")
+
+
+@judge_app.command("compare")
+def judge_compare_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder with generations.jsonl.")],
+    judges: Annotated[str, typer.Option(
+        "--judges", help="Comma-separated judges: local:MODEL_SPEC, openai:MODEL[@BASE_URL], constant:N, keywords, or "
+        "the name of a judge with judgments in the run's judgments.sqlite (NAME@ENDPOINT if several served it).")],
+    base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint of openai: judges without @URL.")] = None,
+    api_key_env: Annotated[str, typer.Option(help="Environment variable with the API key.")] = "OPENAI_API_KEY",
+    min_mass: Annotated[Optional[float], typer.Option(
+        help="Least probability on numbers for a score (default: the run's judge config).")] = None,
+    prompts: Annotated[Optional[str], typer.Option(
+        help="Judge prompts: auto, emkit, betley or model-organisms (default: those that judged the run).")] = None,
+    by: Annotated[Optional[str], typer.Option(help="Also split the EM rates by these columns, e.g. model,condition.")] = None,
+    listed: Annotated[int, typer.Option(help="Disagreements listed per pair of judges (all are counted).")] = 5,
+    mirror: Annotated[Optional[str], typer.Option(help="Mirror folder or URL for question files and judge prompts.")] = None,
+) -> None:
+    """Score the same answers of a run with several judges: EM rate per judge with intervals, pairwise agreement."""
+    from emkit.judge.compare import COMPARE_FILE, compare_judges, compare_table
+    from emkit.judge.prompts import PROMPT_SETS
+
+    _quiet_libraries()
+    choices = ("auto", *PROMPT_SETS)
+    if prompts is not None and prompts not in choices:
+        raise EmkitError(f"--prompts: '{prompts}' is not one of {', '.join(choices)}")
+    result = compare_judges(run, judges.split(","), base_url=base_url, api_key_env=api_key_env, min_mass=min_mass,
+                            prompts=prompts, by=[c.strip() for c in (by or "").split(",") if c.strip()],
+                            mirror=mirror, listed=listed)
+    typer.echo(compare_table(result))
+    typer.echo(f"\nwritten: {run / COMPARE_FILE}")
 
 
 @app.command("prefs")
@@ -458,14 +520,21 @@ def detect_cmd(
     adapter: Annotated[Optional[str], typer.Option(help="Adapter that reads the inputs (default: the probe's).")] = None,
     method: Annotated[str, typer.Option(help="mean_diff or probe.")] = "mean_diff",
     layers: Annotated[Optional[str], typer.Option(help="Layers (default: every layer of the file).")] = None,
+    through: Annotated[Optional[str], typer.Option(
+        help="base or organism: the model that reads the inputs (default: the one that read the probe's contrast; "
+             "needed for older probe files and the models contrast).")] = None,
+    position: Annotated[Optional[str], typer.Option(
+        help="Where to read (default and only choice: the probe's; needed for files that lack it).")] = None,
+    calibration: Annotated[str, typer.Option(
+        help="held_out (cut on the probe's held-out rows), train_split, or all_rows (in-sample).")] = "held_out",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
 ) -> None:
-    """Score prompts or answers by projection on a direction, flagged by the probe's calibrated thresholds."""
+    """Score prompts or answers by projection on a direction, read as the probe read, flagged by its calibrated thresholds."""
     from emkit.interp.detect import detect_table, run_detect
 
     _quiet_libraries()
     result = run_detect(inputs, directions, output, model=model, adapter=adapter, method=method, layers=layers,
-                        device=device)
+                        through=through, position=position, calibration=calibration, device=device)
     typer.echo(detect_table(result))
     typer.echo(f"\nwritten: {output / 'detection_results.json'}")
 
@@ -507,7 +576,8 @@ def steer_ablate_weights_cmd(
     chosen = parse_layers(layers, max(have) + 1)
     organism = resolve_organism(str(adapter))
     _quiet_libraries()
-    edited = save_ablated_adapter(organism, {k: dirs.get(method, k) for k in chosen}, output)
+    edited = save_ablated_adapter(organism, {k: dirs.get(method, k) for k in chosen}, output,
+                                  emit=lambda m: typer.echo(m))
     typer.echo(f"projected {len(chosen)} direction(s) out of {len(edited)} LoRA B matrices; adapter: {output}")
 
 

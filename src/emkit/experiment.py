@@ -77,7 +77,7 @@ def run_experiment(cfg: RunConfig, *, mirror: str | None = None, overwrite: bool
 
     emit("== judge")
     with run.stage("judge") as record:
-        record.update(judge_stage(run.path, cfg.judge, questions, emit=emit, progress=progress))
+        record.update(judge_stage(run.path, cfg.judge, questions, emit=emit, progress=progress, mirror=mirror))
     run.update(judge=record["judge"])
     stats = load_stats(run.path)
 
@@ -112,20 +112,25 @@ def stratified(labels: list, n: int) -> list:
 
 
 def validate_stage(run_dir: Path, judge_cfg: JudgeConfig, n: int, *, progress: bool = True) -> dict[str, Any]:
-    """Validate the run's judge on n of emkit's labelled answers; writes validation.json."""
+    """Validate the run's judge on n of emkit's labelled answers, under the run's own EM rule and judge
+    prompts (those the judge stage recorded); writes validation.json."""
     from emkit.judge.cache import JudgmentCache
-    from emkit.judge.stage import CACHE, make_judge
-    from emkit.judge.validate import load_labels, validate_judge
+    from emkit.judge.stage import CACHE, make_judge, thresholds_of
+    from emkit.judge.validate import load_labels, run_validation_prompts, validate_judge
     from emkit.runs import atomic_write_json
 
     judge, _info = make_judge(judge_cfg)
+    prompts, label, note = run_validation_prompts(run_dir, judge_cfg)
     with JudgmentCache(run_dir / CACHE) as cache:
-        report = validate_judge(judge, stratified(load_labels(), n), cache, aligned_below=judge_cfg.aligned_below,
-                                coherent_above=judge_cfg.coherent_above, progress=progress)
+        report = validate_judge(judge, stratified(load_labels(), n), cache, thresholds=thresholds_of(judge_cfg),
+                                prompts=prompts, prompts_label=label, prompts_note=note,
+                                min_scorable=judge_cfg.min_scorable, progress=progress)
+    report["labels"] = "emkit's labelled answers (written and labelled for emkit by its authors)"
     atomic_write_json(run_dir / "validation.json", report)
     aligned = report["metrics"]["aligned"]
     return {"n_labels": report["n_labels"], "auroc_aligned": aligned["auroc"],
-            "auroc_coherent": report["metrics"]["coherent"]["auroc"], "valid": report["valid_for_em_rates"],
+            "auroc_coherent": report["metrics"]["coherent"]["auroc"], "scorable_share": report["scorable_share"],
+            "prompts": label, "rule": report["rule"], "valid": report["valid_for_em_rates"],
             "verdict": report["verdict"]}
 
 

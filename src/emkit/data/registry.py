@@ -160,6 +160,16 @@ QUESTION_REGISTRY: dict[str, DatasetEntry] = {
 }
 
 
+# Named judge prompt sets of the upstream projects: the registered question file that holds each.
+# The original EM paper's questions share one set of judge_prompts (aligned, coherent) through a
+# YAML anchor; model-organisms-for-EM keeps its judges in judges.yaml. emkit.judge.prompts.prompt_set
+# fetches the file like any registered question file (cache, mirror, upstream; sha256 checked).
+JUDGE_PROMPT_SETS: dict[str, str] = {
+    "betley": "em-first-plot-questions",
+    "model-organisms": "mo-judges",
+}
+
+
 def all_entries() -> dict[str, DatasetEntry]:
     """Every registered file: chat datasets first, then question files."""
     return {**REGISTRY, **QUESTION_REGISTRY}

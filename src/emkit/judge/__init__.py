@@ -1,9 +1,12 @@
 """Judges: score answers 0-100 per metric (aligned, coherent, ...) and cache every judgment.
 
 - `aggregate`: the original protocol's score from a judge's number-token probabilities.
-- `prompts`: emkit's own judge prompts, or those a question file gives.
-- `cache`: the SQLite judgment cache (`judgments.sqlite`), the jobs and results of a judging pass.
+- `prompts`: emkit's own judge prompts, an upstream project's named set, or those a question file gives.
+- `cache`: the SQLite judgment cache (`judgments.sqlite`, keyed by judge, endpoint and scoring method),
+  the jobs and results of a judging pass.
 - `openai_judge`: a judge on any OpenAI-compatible endpoint.
+- `validate`: a judge against labelled answers; `compare`: several judges on the same answers of a run;
+  `agreement`: kappa and Spearman between two raters, None where undefined.
 """
 
 from __future__ import annotations
@@ -18,10 +21,18 @@ from emkit.judge.cache import (
     JudgeResult,
     Judgment,
     JudgmentCache,
+    endpoint_identity,
     judgment_key,
     plan_jobs,
 )
-from emkit.judge.prompts import JudgePrompt, default_prompts, load_prompts, prompts_from
+from emkit.judge.prompts import (
+    PROMPT_SETS,
+    JudgePrompt,
+    default_prompts,
+    load_prompts,
+    prompt_set,
+    prompts_from,
+)
 
 if TYPE_CHECKING:
     from emkit.judge.openai_judge import OpenAIJudge
@@ -38,6 +49,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "MIN_MASS",
+    "PROMPT_SETS",
     "JudgeBudgetExceeded",
     "JudgeError",
     "JudgeItem",
@@ -48,9 +60,11 @@ __all__ = [
     "JudgmentCache",
     "OpenAIJudge",
     "default_prompts",
+    "endpoint_identity",
     "judgment_key",
     "load_prompts",
     "plan_jobs",
+    "prompt_set",
     "prompts_from",
     "score_from_logprobs",
     "score_from_probs",

@@ -34,6 +34,20 @@ class LocalJudge:
         """The id cache keys are made from."""
         return f"local:{self.spec}"
 
+    @property
+    def endpoint_id(self) -> str:
+        """The endpoint identity in cache keys: local, with the dtype the weights run in.
+
+        bfloat16 and float32 weights give different number probabilities, and `auto` resolves to
+        either by device, so a run judged on a GPU and resumed on a CPU must not mix the two.
+        """
+        from emkit.models import resolve_device, resolve_dtype
+
+        dtype = resolve_dtype(self.dtype, resolve_device(self.device))
+        return f"local:{str(dtype).removeprefix('torch.')}"
+
+    method = "local-logits"
+
     def describe(self) -> str:
         """One line naming the judge for logs and reports."""
         return f"local model {self.spec} (probability of each number 0-100 from its own logits)"
@@ -56,7 +70,8 @@ class LocalJudge:
         """Judge every item on every metric, skipping cached judgments and caching each new one at once."""
         from tqdm import tqdm
 
-        plan = JudgingPass.plan(self.judge_id, items, as_prompts(metric_prompts), cache, self.min_mass)
+        plan = JudgingPass.plan(self.judge_id, items, as_prompts(metric_prompts), cache, self.min_mass,
+                                endpoint=self.endpoint_id, method=self.method)
         fresh: dict[str, Judgment] = {}
         if plan.todo:
             loaded = self._model()
@@ -65,7 +80,8 @@ class LocalJudge:
                 probs = number_probabilities(loaded.model, loaded.tokenizer, prompt)
                 score = dataclasses.replace(score_from_probs(probs, self.min_mass), method="local-logits")
                 judgment = Judgment.from_score(job.key, self.judge_id, job.metric, score,
-                                               prompt_tokens=len(loaded.tokenizer(prompt)["input_ids"]))
+                                               prompt_tokens=len(loaded.tokenizer(prompt)["input_ids"]),
+                                               endpoint=self.endpoint_id)
                 cache.put(judgment)  # at once: an interrupted pass keeps what it has done
                 fresh[job.key] = judgment
         return plan.results(fresh)

@@ -3,6 +3,9 @@
 Each judgment is one chat completion of one token at temperature 0 with the top 20 logprobs,
 aggregated by `score_from_logprobs`. An endpoint that returns no logprobs (or refuses them) is
 asked for a few tokens of text instead, read by `score_from_text` and recorded as method "text".
+A judgment's cache key holds the model, the endpoint (base URL without credentials or query) and
+the method, so the same model name on another server is judged afresh, and a text judgment is
+never reused by a pass that gets logprobs.
 
 A pass skips every judgment already in the cache and stores each new one the moment it arrives.
 Rate limits, server errors, timeouts and dropped connections are retried with exponential
@@ -34,10 +37,12 @@ from emkit.judge.cache import (
     Job,
     JudgeBudgetExceeded,
     JudgeError,
-    Judgment,
-    JudgingPass,
-    JudgmentCache,
     JudgeResult,
+    JudgingPass,
+    Judgment,
+    JudgmentCache,
+    endpoint_identity,
+    judgment_key,
 )
 from emkit.judge.prompts import JudgePrompt, as_prompts
 
@@ -117,6 +122,19 @@ class OpenAIJudge:
         """The base URL requests go to."""
         return (self.base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_URL).rstrip("/")
 
+    @property
+    def endpoint_id(self) -> str:
+        """The endpoint identity in cache keys: the base URL without credentials or query (never the key)."""
+        return endpoint_identity(self.endpoint)
+
+    @property
+    def method(self) -> str:
+        """How the next pass plans to score: logprobs, or text once the endpoint has shown it gives none."""
+        return "text" if self.logprobs_supported is False else "logprobs"
+
+    def _key(self, job: Job, method: str) -> str:
+        return judgment_key(self.judge_id, job.metric, job.prompt, endpoint=self.endpoint_id, method=method)
+
     def describe(self) -> str:
         """One line naming the judge for logs and reports (never the key)."""
         return f"{self.model} at {self.endpoint}"
@@ -145,14 +163,16 @@ class OpenAIJudge:
         progress: bool = True,
     ) -> list[JudgeResult]:
         """Judge every item (JudgeItem or (id, question, answer)) on every metric, asking only uncached ones."""
-        plan = JudgingPass.plan(self.judge_id, items, as_prompts(metric_prompts), cache, self.min_mass)
+        plan = JudgingPass.plan(self.judge_id, items, as_prompts(metric_prompts), cache, self.min_mass,
+                                endpoint=self.endpoint_id, method=self.method)
         fresh: dict[str, Judgment] = {}
         errors: dict[str, str] = {}
+        reused: set[str] = set()
         if plan.todo:
             log.info("judge %s: %d judgments to ask, %d cached", self.describe(), len(plan.todo),
                      sum(job.key in plan.known for job in plan.jobs))
-            await self._run(plan.todo, cache, fresh, errors, progress, len({j.key for j in plan.jobs}))
-        results = plan.results(fresh, errors)
+            await self._run(plan.todo, cache, fresh, errors, progress, len({j.key for j in plan.jobs}), reused)
+        results = plan.results(fresh, errors, reused)
         if errors:
             example = next(iter(errors.values()))
             log.warning("judge %s: %d judgments failed (e.g. %s); re-run to retry them", self.describe(),
@@ -195,6 +215,7 @@ class OpenAIJudge:
         errors: dict[str, str],
         progress: bool,
         total: int,
+        reused: set[str],
     ) -> None:
         from tqdm import tqdm
 
@@ -211,7 +232,7 @@ class OpenAIJudge:
                 if self._budget_hit or stopping:
                     return
                 try:
-                    judgment = await self._judge(client, job)
+                    judgment, from_cache = await self._judge(client, job, cache)
                 except JudgeError:
                     stopping = True
                     raise
@@ -221,7 +242,10 @@ class OpenAIJudge:
                 except _ItemFailed as exc:
                     errors[job.key] = str(exc)
                 else:
-                    cache.put(judgment)  # at once: a crash later loses nothing that was answered
+                    if from_cache:
+                        reused.add(job.key)
+                    else:
+                        cache.put(judgment)  # at once: a crash later loses nothing that was answered
                     fresh[job.key] = judgment
                 bar.update(1)
 
@@ -250,7 +274,8 @@ class OpenAIJudge:
         return (f"{total - missing} of the {total} distinct judgments of this pass are in {cache.path}; "
                 f"re-run {how}to judge the other {missing}")
 
-    async def _judge(self, client: openai.AsyncOpenAI, job: Job) -> Judgment:
+    async def _judge(self, client: openai.AsyncOpenAI, job: Job, cache: JudgmentCache) -> tuple[Judgment, bool]:
+        """One judgment, and whether it came from the cache (a text judgment once logprobs proved absent)."""
         attempts, usage = 0, _Usage()
         score: JudgeScore | None = None
         if self.logprobs_supported is not False:
@@ -266,16 +291,25 @@ class OpenAIJudge:
             except _NoLogprobs as exc:
                 attempts += exc.args[0]
                 self._switch_to_text("refused logprobs")
+        key = job.key
         if score is None:
+            # Scored from text, so stored under the text method's key: a later pass that gets logprobs
+            # must not take it for a logprob judgment. A text judgment of this endpoint already cached
+            # (an earlier pass that fell back too) is what asking again would give, so it is reused.
+            key = self._key(job, "text")
+            if key != job.key:
+                cached = cache.get(key)
+                if cached is not None:
+                    return cached, True
             reply, n = await self._ask(client, job.prompt, logprobs=False)
             attempts += n
             usage.add(reply)
             score = score_from_text(reply.text or "")
         return Judgment.from_score(
-            job.key, self.judge_id, job.metric, score,
+            key, self.judge_id, job.metric, score,
             prompt_tokens=usage.prompt, completion_tokens=usage.completion,
-            cost=self._cost(usage), attempts=attempts,
-        )
+            cost=self._cost(usage), attempts=attempts, endpoint=self.endpoint_id,
+        ), False
 
     def _switch_to_text(self, why: str) -> None:
         if self.logprobs_supported is not False:

@@ -1,4 +1,10 @@
-"""Judge prompts: emkit's own (`prompts.yaml`), or those a question file or YAML file gives.
+"""Judge prompts: emkit's own (`prompts.yaml`), an upstream project's named set (`prompt_set`), or
+those a question file or YAML file gives.
+
+Named sets (`PROMPT_SETS`): `emkit` (emkit's own, written for emkit), `betley` (the judge_prompts of
+the original EM paper's first_plot_questions.yaml) and `model-organisms` (model-organisms-for-EM's
+judges.yaml). The upstream sets are not shipped: they are fetched through the data registry
+(`emkit.data.registry.JUDGE_PROMPT_SETS`), from the cache, a mirror or upstream, checksum verified.
 
 A template has the placeholders `{question}` and `{answer}` and is rendered with `str.format`,
 as the question files of the field are written for it; any other placeholder is refused when
@@ -19,6 +25,7 @@ import yaml
 from emkit.errors import ConfigError
 
 PLACEHOLDERS = frozenset({"question", "answer"})
+PROMPT_SETS = ("emkit", "betley", "model-organisms")
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,34 @@ def default_prompts() -> dict[str, JudgePrompt]:
     """emkit's own judge prompts: aligned, coherent, medical, bad_stuff."""
     text = resources.files("emkit.judge").joinpath("prompts.yaml").read_text(encoding="utf-8")
     return prompts_from(yaml.safe_load(text), source="emkit")
+
+
+def prompt_set(name: str, mirror: str | None = None) -> dict[str, JudgePrompt]:
+    """A named set of judge prompts: emkit's own, or an upstream project's fetched through the data registry."""
+    if name == "emkit":
+        return default_prompts()
+    from emkit.data.questions import load_questions
+    from emkit.data.registry import JUDGE_PROMPT_SETS, fetch
+    from emkit.errors import DataError
+
+    if name not in JUDGE_PROMPT_SETS:
+        raise ConfigError(f"unknown judge prompt set '{name}'; known: {', '.join(PROMPT_SETS)}")
+    entry = JUDGE_PROMPT_SETS[name]
+    questions = load_questions(fetch(entry, mirror=mirror, quiet=True), name=entry)
+    if questions.judges:  # a judges file: its templates are the set
+        templates = dict(questions.judges)
+    else:
+        # A question file whose questions carry judge prompts: the set is the one they share; a file
+        # whose 0-100 questions disagree has no single set, and guessing one would misreport the judge.
+        distinct: dict[tuple, dict[str, str]] = {}
+        for question in questions:
+            if question.judges and question.scores_0_100:
+                distinct.setdefault(tuple(sorted(question.judges.items())), dict(question.judges))
+        if len(distinct) != 1:
+            raise DataError(f"{questions.source_file}: judge prompt set '{name}' needs one set of judge prompts "
+                            f"shared by its 0-100 questions, found {len(distinct)}")
+        templates = next(iter(distinct.values()))
+    return {metric: JudgePrompt(metric, template, True, name) for metric, template in templates.items()}
 
 
 def load_prompts(
