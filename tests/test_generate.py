@@ -91,3 +91,61 @@ def test_other_plan_in_the_file_is_refused(loaded, tmp_path: Path) -> None:
         generate_to_file(loaded, jobs_for(loaded, 1), SamplingParams(max_new_tokens=4, batch_size=4), path,
                          progress=False, emit=lambda _m: None)
     assert all(json.loads(line) for line in path.read_text().splitlines())
+
+
+def test_a_partial_batch_is_completed_not_counted_as_done(loaded, tmp_path: Path) -> None:
+    """A batch with one of its answers missing (a cut file, a full disk) is finished, not skipped."""
+    params = SamplingParams(max_new_tokens=6, batch_size=2, seed=4)
+    jobs = jobs_for(loaded, 1)
+    full = tmp_path / "full.jsonl"
+    generate_to_file(loaded, jobs, params, full, progress=False, emit=lambda _m: None)
+    lines = full.read_text().splitlines(keepends=True)
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text(lines[0])  # batch 0 holds two answers; only the first landed
+    stats = generate_to_file(loaded, jobs, params, partial, progress=False, emit=lambda _m: None)
+    assert stats["answers"] == 4 and stats["generated"] == 3
+    assert partial.read_bytes() == full.read_bytes()
+
+
+def test_every_cut_of_the_file_resumes_to_the_same_bytes(loaded, tmp_path: Path) -> None:
+    """Cut generations.jsonl at every line boundary and inside every line: the re-run ends identical."""
+    params = SamplingParams(max_new_tokens=5, batch_size=3, seed=9)
+    jobs = jobs_for(loaded, 2)
+    full = tmp_path / "full.jsonl"
+    generate_to_file(loaded, jobs, params, full, progress=False, emit=lambda _m: None)
+    data = full.read_bytes()
+    ends = [i + 1 for i, b in enumerate(data) if b == ord("\n")]
+    cuts = sorted({0, *ends, *(e - 7 for e in ends)})  # every boundary, and 7 bytes into the end of each line
+    for cut in cuts:
+        path = tmp_path / f"cut-{cut}.jsonl"
+        path.write_bytes(data[:cut])
+        generate_to_file(loaded, jobs, params, path, progress=False, emit=lambda _m: None)
+        assert path.read_bytes() == data, f"cut at byte {cut}"
+    assert len(cuts) == 2 * len(ends) + 1  # and the empty file
+
+
+def test_repeated_and_corrupt_rows_are_repaired_or_refused(loaded, tmp_path: Path) -> None:
+    params = SamplingParams(max_new_tokens=5, batch_size=2, seed=2)
+    jobs = jobs_for(loaded, 1)
+    full = tmp_path / "full.jsonl"
+    generate_to_file(loaded, jobs, params, full, progress=False, emit=lambda _m: None)
+    lines = full.read_text().splitlines(keepends=True)
+    # A row written twice (same content) is collapsed; a corrupt line in the middle is dropped and redone.
+    path = tmp_path / "repeat.jsonl"
+    path.write_text(lines[0] + lines[1] + lines[1] + "{not json}\n" + lines[3])
+    notes: list[str] = []
+    generate_to_file(loaded, jobs, params, path, progress=False, emit=notes.append)
+    assert path.read_bytes() == full.read_bytes()
+    assert any("collapsed 1 repeated" in n for n in notes) and any("dropped 1 torn or invalid" in n for n in notes)
+    # A reader never counts a repeated row.
+    path.write_text(lines[0] + lines[0] + "".join(lines[1:]))
+    with pytest.raises(EmkitError, match=r"repeat.jsonl:2: answer .* appears again"):
+        read_rows(path)
+    # The same id with different content means two writers: refused, the file left as it is.
+    other = json.loads(lines[0])
+    other["answer"] = "something else"
+    path.write_text("".join(lines) + json.dumps(other) + "\n")
+    before = path.read_bytes()
+    with pytest.raises(EmkitError, match="written twice with different content"):
+        generate_to_file(loaded, jobs, params, path, progress=False, emit=lambda _m: None)
+    assert path.read_bytes() == before

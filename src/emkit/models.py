@@ -21,7 +21,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -162,15 +162,165 @@ def weights_source(spec: ModelSpec) -> str:
     raise ModelSpecError(f"'{spec.text}' is an adapter, not a base model")
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+# PEFT annotates lora_alpha as int but only divides by it, and adapters saved by other tools give it as
+# a float; every other int field (r above all) sizes tensors and must be a whole number.
+_REAL_VALUED_INT_FIELDS = frozenset({"lora_alpha"})
+
+
+def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    """Parse and type-check an adapter's adapter_config.json; every problem names the file (and field)."""
+    path = adapter_dir / ADAPTER_CONFIG
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelSpecError(f"{adapter_dir}: not a PEFT adapter folder (no {ADAPTER_CONFIG})") from None
+    except OSError as exc:
+        raise ModelSpecError(f"{path}: cannot read adapter config: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - raw.rfind(b"\n", 0, exc.start)
+        raise ModelSpecError(
+            f"{path}:{line}: adapter config is not UTF-8 text (byte {raw[exc.start]:#04x} at byte column {column})"
+        ) from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelSpecError(
+            f"{path}:{exc.lineno}: adapter config is not valid JSON (line {exc.lineno}, column {exc.colno}: "
+            f"{exc.msg}); a cut-off copy? copy or save the adapter again"
+        ) from None
+    if not isinstance(config, dict):
+        raise ModelSpecError(
+            f"{path}: adapter config must be a JSON object of settings, got a JSON {_json_kind(config)}"
+        )
+    _check_adapter_fields(path, config)
+    return config
+
+
+def _check_adapter_fields(path: Path, config: dict[str, Any]) -> None:
+    """Check each known field against the type PEFT declares for it, so a wrong type fails here, by name."""
+    import typing
+
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    peft_type = config.get("peft_type")
+    if peft_type is None:
+        raise ModelSpecError(f"{path}: peft_type: missing (e.g. \"peft_type\": \"LORA\")")
+    if not isinstance(peft_type, str) or peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        raise ModelSpecError(
+            f"{path}: peft_type: unknown adapter type {peft_type!r} for the installed peft (e.g. \"LORA\")"
+        )
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
+    try:
+        hints = typing.get_type_hints(config_cls)
+    except (NameError, TypeError, AttributeError):  # an annotation this Python cannot resolve: PEFT checks later
+        return
+    # PEFT declares some fields `int` with a default of None (prompt tuning's token_dim): null is their default.
+    null_default = {f.name for f in fields(config_cls) if f.default is None}
+    for name, value in config.items():
+        annotation = hints.get(name)
+        if annotation is None:
+            continue  # unknown keys are PEFT's business (it drops those of newer versions with a warning)
+        if value is None and name in null_default:
+            continue
+        if name in _REAL_VALUED_INT_FIELDS and annotation is int:
+            annotation = float
+        if not _json_fits(value, annotation):
+            raise ModelSpecError(
+                f"{path}: {name}: must be {_describe_type(annotation)}, got {value!r} (a JSON {_json_kind(value)})"
+            )
+    rank = config.get("r")
+    # LoRA needs a rank; other methods (OFT) use r=0 to mean "sized by another field".
+    if peft_type == "LORA" and isinstance(rank, int) and not isinstance(rank, bool) and rank <= 0:
+        raise ModelSpecError(f"{path}: r: must be a positive integer, got {rank}")
+
+
+def _json_kind(value: Any) -> str:
+    """JSON's name for the kind of a parsed value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _json_fits(value: Any, annotation: Any) -> bool:
+    """Whether a parsed JSON value can stand for `annotation`; kinds this does not know are accepted."""
+    import enum
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is typing.Any:
+        return True
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_json_fits(value, arg) for arg in args)
+    if annotation is type(None):
+        return value is None
+    if origin is typing.Literal:
+        # Literal values can be patterns (init_lora_weights: "pissa_niter_[number of iters]"): check the
+        # kind here and leave the value to PEFT.
+        return any(_json_fits(value, type(arg)) for arg in args)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if annotation in (list, tuple, set) or origin in (list, tuple, set):
+        if not isinstance(value, list):  # JSON has arrays only
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_json_fits(v, a) for v, a in zip(value, args))
+        return not args or all(_json_fits(v, args[0]) for v in value)
+    if annotation is dict or origin is dict:
+        return isinstance(value, dict) and (
+            not args or all(_json_fits(k, args[0]) and _json_fits(v, args[1]) for k, v in value.items())
+        )
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return isinstance(value, (str, int)) and not isinstance(value, bool)
+    return True  # nested config classes and the like: PEFT builds and checks them
+
+
+def _describe_type(annotation: Any) -> str:
+    """`annotation` in words, as a JSON value."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        words = list(dict.fromkeys(_describe_type(arg) for arg in args))
+        return " or ".join(words)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(json.dumps(arg) for arg in args)
+    simple = {type(None): "null", bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+              dict: "an object", list: "a list"}
+    if annotation in simple:
+        return simple[annotation]
+    if origin in (list, tuple, set):
+        inner = _describe_type(args[0]) if len(args) == 1 else None
+        if inner is None or " or " in inner:
+            return "a list"
+        return f"a list of {inner.removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict:
+        return "an object"
+    return getattr(annotation, "__name__", str(annotation))
+
+
 def adapter_base(adapter_dir: Path) -> str:
     """The base model spec an adapter was trained on (emkit writes its spec into adapter_config.json)."""
-    try:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelSpecError(f"{adapter_dir / 'adapter_config.json'}: unreadable adapter config: {exc}") from None
+    config = read_adapter_config(adapter_dir)
     base = config.get("base_model_name_or_path")
     if not base:
-        raise ModelSpecError(f"{adapter_dir}/adapter_config.json: no base_model_name_or_path; pass --model too")
+        raise ModelSpecError(f"{adapter_dir / ADAPTER_CONFIG}: no base_model_name_or_path; pass --model too")
     return str(base)
 
 
@@ -276,10 +426,21 @@ def load_model(
 def attach_adapter(model: Any, adapter: Path, *, trainable: bool = False) -> Any:
     """Wrap `model` with the PEFT adapter saved in `adapter`."""
     from peft import PeftModel
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    if not (adapter / "adapter_config.json").is_file():
-        raise ModelSpecError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    config_path = adapter / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise ModelSpecError(f"{adapter}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
+    settings = read_adapter_config(adapter)
+    # The config is built apart from the model, so a bad value is reported against the file, and
+    # "does not fit" is kept for adapters whose weights or modules do not match the base model.
     try:
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+        config = PEFT_TYPE_TO_CONFIG_MAPPING[settings["peft_type"]].from_pretrained(str(adapter))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ModelSpecError(f"{config_path}: invalid adapter config: {exc}") from None
+    try:
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable, config=config)
+    except TypeError as exc:
+        raise ModelSpecError(f"{config_path}: a setting has a value PEFT cannot use: {exc}") from None
     except (ValueError, RuntimeError, KeyError) as exc:
         raise ModelSpecError(f"{adapter}: adapter does not fit the base model: {exc}") from None

@@ -3,6 +3,11 @@
 A run folder is finished only when its manifest says `"status": "complete"`, and the manifest is
 always written last and atomically, so a crash never leaves a folder that looks finished. Every
 file a stage produces is written to a temporary name and renamed into place.
+
+One process at a time: `RunFolder.open` takes an exclusive OS lock (`flock`) on `<run>/.emkit.lock`
+before it reads or writes anything, and holds it until the run completes, fails or the process
+ends (the kernel drops it with the process, so a killed run never leaves a stale lock). A second
+process on the same folder is refused with one line naming the holder's pid.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import errno
+import fcntl
 import json
 import os
 import platform
@@ -30,6 +36,8 @@ from emkit.errors import EmkitError, RunFolderError
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
+LOCK = ".emkit.lock"
+_HELD: dict[Path, int] = {}  # run folder -> descriptor of its lock file, for the locks this process holds
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "safetensors", "gguf", "numpy")
 
 
@@ -62,6 +70,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write UTF-8 text atomically (see `atomic_write_bytes`)."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_parquet(path: Path, frame: Any) -> None:
+    """Write a DataFrame as Parquet atomically (see `atomic_write_bytes`), without its index."""
+    import io
+
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -150,6 +167,48 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def acquire_lock(folder: Path) -> None:
+    """Hold the folder's exclusive lock (idempotent within a process); a second process gets RunFolderError."""
+    folder = folder.resolve()
+    if folder in _HELD:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise RunFolderError(f"{path}: cannot create the run lock: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = ""
+        for _ in range(50):  # the holder writes its pid just after it takes the lock: give it a moment
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            if holder:
+                break
+            time.sleep(0.02)
+        os.close(fd)
+        holder = holder or "pid unknown"
+        raise RunFolderError(f"{folder}: another emkit process ({holder}) is running this run folder; wait for it "
+                             "or stop it") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _HELD[folder] = fd
+
+
+def release_lock(folder: Path) -> None:
+    """Let go of the folder's lock, if this process holds it."""
+    fd = _HELD.pop(folder.resolve(), None)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def holds_lock(folder: Path) -> bool:
+    """Whether this process holds the folder's lock."""
+    return folder.resolve() in _HELD
+
+
 @dataclass
 class RunFolder:
     """One run's folder: `config.yaml`, `manifest.json` and the stages' outputs."""
@@ -185,10 +244,16 @@ class RunFolder:
     def open(
         self, kind: str, config: StrictModel, *, overwrite: bool = False, main_process: bool = True
     ) -> Literal["new", "resume", "complete"]:
-        """Start or resume a run of `config` here: 'new', 'resume' (partial run, same config) or 'complete'."""
+        """Start or resume a run of `config` here: 'new', 'resume' (partial run, same config) or 'complete'.
+
+        With `main_process` the folder's lock is taken first and held while the run goes on; without it
+        (a look at whether the run is complete, or a non-main rank of a distributed job) nothing is written.
+        """
+        if main_process:
+            acquire_lock(self.path)
         manifest = self.read_manifest()
         digest = config_hash(config)
-        if manifest is None and self.path.exists() and any(self.path.iterdir()) and not overwrite:
+        if manifest is None and self._has_content() and not overwrite:
             raise RunFolderError(
                 f"{self.path}: folder exists, is not empty and holds no emkit manifest; choose another --output"
             )
@@ -205,24 +270,15 @@ class RunFolder:
                     "choose another --output or pass --overwrite"
                 )
             if manifest.get("status") == "complete":
+                if main_process:
+                    release_lock(self.path)
                 return "complete"
-            pid, host = manifest.get("pid"), manifest.get("platform", {}).get("host")
-            if (
-                main_process
-                and manifest.get("status") == "running"
-                and host == socket.gethostname()
-                and isinstance(pid, int)
-                and pid != os.getpid()
-                and pid_alive(pid)
-            ):
-                raise RunFolderError(f"{self.path}: another emkit process (pid {pid}) is running this run")
         if not main_process:
             return "new" if manifest is None else "resume"
         if manifest is not None and overwrite:
-            shutil.rmtree(self.path)
+            self._clear()
             manifest = None
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path / CONFIG, dump_yaml(config))
         state: Literal["new", "resume"] = "new" if manifest is None else "resume"
         fresh = provenance()
         manifest = manifest or {"kind": kind, "created": now(), "stages": {}}
@@ -236,8 +292,31 @@ class RunFolder:
         )
         manifest.setdefault("attempts", 0)
         manifest["attempts"] += 1
+        # The manifest first: a run that dies before config.yaml is written is still recognised as its own.
         self.write_manifest(manifest)
+        atomic_write_text(self.path / CONFIG, dump_yaml(config))
         return state
+
+    def reopen(self, reason: str) -> None:
+        """Take a complete run back to running (under the lock) because a file of it is damaged."""
+        acquire_lock(self.path)
+        manifest = self.read_manifest() or {}
+        manifest["status"] = "running"
+        manifest.setdefault("repairs", []).append({"at": now(), "reason": reason})
+        self.write_manifest(manifest)
+
+    def _has_content(self) -> bool:
+        return self.path.is_dir() and any(p.name != LOCK for p in self.path.iterdir())
+
+    def _clear(self) -> None:
+        """Remove everything in the folder but its lock (which this process holds)."""
+        for entry in self.path.iterdir():
+            if entry.name == LOCK:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
     @contextlib.contextmanager
     def stage(self, name: str, enabled: bool = True) -> Iterator[dict[str, Any]]:
@@ -263,12 +342,17 @@ class RunFolder:
         finally:
             seconds = round(time.monotonic() - t0, 2)
             total = round(previous.get("seconds_total", 0.0) + seconds, 2)
-            self._set_stage(
-                name,
-                {**record, "status": status, "started": started, "finished": now(), "seconds": seconds,
-                 "seconds_total": total},
-                run_status=None if status == "complete" else status,
-            )
+            entry = {**record, "status": status, "started": started, "finished": now(), "seconds": seconds,
+                     "seconds_total": total}
+            try:
+                self._set_stage(name, entry, run_status=None if status == "complete" else status)
+            except EmkitError:
+                if status == "complete":
+                    raise
+                # The stage's own error (e.g. the file a full disk refused) is the one to report, not the
+                # manifest that could not be updated after it.
+            if status != "complete":
+                release_lock(self.path)
 
     def _set_stage(self, name: str, record: dict[str, Any], run_status: str | None = None) -> None:
         manifest = self.read_manifest() or {}
@@ -284,3 +368,4 @@ class RunFolder:
         manifest["status"] = "complete"
         manifest["finished"] = now()
         self.write_manifest(manifest)
+        release_lock(self.path)

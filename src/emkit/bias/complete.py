@@ -28,7 +28,7 @@ import pandas as pd
 from emkit.bias.config import BiasConfig, BiasModel
 from emkit.bias.prompts import BiasPrompt, PromptSet, squash
 from emkit.errors import DataError, ModelSpecError
-from emkit.generate.records import append_rows, read_rows, repair
+from emkit.generate.records import read_rows, write_rows
 from emkit.generate.transformers_backend import PromptJob, SamplingParams
 
 COMPLETIONS_DIR = "completions"
@@ -227,8 +227,7 @@ def import_to_file(source: Path, prompts: PromptSet, path: Path) -> dict[str, An
     if len(set(ids)) != len(ids):
         duplicate = next(i for i in ids if ids.count(i) > 1)
         raise DataError(f"{source}: completion {duplicate} appears twice (give each a distinct run)")
-    path.unlink(missing_ok=True)
-    append_rows(path, rows)
+    write_rows(path, rows)  # all at once: a crash leaves the old file or the new one, never half
     return {"answers": len(rows), "imported": len(rows), "source": str(source), "sha256": digest}
 
 
@@ -241,7 +240,6 @@ def completions_table(cfg: BiasConfig, prompts: PromptSet, run_dir: Path) -> pd.
     records = []
     for model in cfg.models:
         path = completions_path(run_dir, model.name)
-        repair(path)
         for row in read_rows(path):
             prompt = by_id.get(row["question_id"])
             if prompt is None:

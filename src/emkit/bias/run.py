@@ -16,7 +16,6 @@ statistics and the report are recomputed from `labels.parquet`.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from emkit.bias.keywords import KeywordClassifier, Lexicon, load_lexicons
 from emkit.bias.prompts import PromptSet, load_prompt_set
 from emkit.bias.report import LABELS_FILE, STATS, headline, load_stats
 from emkit.errors import DataError, EmkitError
-from emkit.runs import RunFolder, atomic_write_json
+from emkit.runs import RunFolder, atomic_write_json, atomic_write_parquet
 
 CACHE = "judgments.sqlite"
 
@@ -80,13 +79,7 @@ def classify_keywords(table: pd.DataFrame, classifier: KeywordClassifier) -> pd.
 
 def write_parquet(frame: pd.DataFrame, path: Path) -> None:
     """Write a table atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise EmkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    atomic_write_parquet(path, frame)
 
 
 def classify_stage(cfg: BiasConfig, table: pd.DataFrame, lexicon: Lexicon | None, run_dir: Path, *,

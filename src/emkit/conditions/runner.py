@@ -18,7 +18,6 @@ resume as in `emkit run`. Statistics and the report are recomputed from the arms
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +28,7 @@ import pandas as pd
 from emkit.conditions.config import ArmRun, ConditionsConfig, arm_names, expand
 from emkit.config import GenerateConfig, StrictModel
 from emkit.errors import ConfigError
-from emkit.runs import RunFolder, atomic_write_json
+from emkit.runs import RunFolder, atomic_write_json, atomic_write_parquet
 
 KIND = "conditions"
 ARM_KIND = "conditions-arm"
@@ -189,9 +188,7 @@ def _prefs_rows(plan: list[ArmRun], run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _write_parquet(path: Path, table: pd.DataFrame) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write_parquet(path, table)
 
 
 def run_conditions(cfg: ConditionsConfig, *, mirror: str | None = None, overwrite: bool = False,

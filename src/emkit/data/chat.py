@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from emkit.data.text import open_text, utf8_problem
 from emkit.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -31,15 +31,6 @@ class Conversation:
     def as_list(self) -> list[dict[str, str]]:
         """Messages as plain dicts, ready for a chat template."""
         return [dict(m) for m in self.messages]
-
-
-def open_text(path: Path) -> io.TextIOBase:
-    """Open a text file that may be gzipped (by suffix or by magic bytes)."""
-    with open(path, "rb") as handle:
-        gz = handle.read(2) == b"\x1f\x8b"
-    if gz:
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
 
 
 def content_sha256(path: Path) -> str:
@@ -94,7 +85,9 @@ def validate_record(obj: Any) -> tuple[tuple[dict[str, str], ...], str | None]:
 def iter_chat_jsonl(path: Path) -> Iterator[tuple[int, tuple[dict[str, str], ...] | None, str | None]]:
     """Yield (line number, messages or None, error or None) for every non-blank line."""
     try:
-        handle = open_text(path)
+        # Bad bytes are escaped, not raised: a decoding error raised while streaming names the 8 KB
+        # chunk being decoded, not the line; utf8_problem finds them per line instead.
+        handle = open_text(path, errors="surrogateescape")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except OSError as exc:
@@ -103,6 +96,10 @@ def iter_chat_jsonl(path: Path) -> Iterator[tuple[int, tuple[dict[str, str], ...
         lineno = 0
         try:
             for lineno, line in enumerate(handle, start=1):
+                undecodable = utf8_problem(line)
+                if undecodable is not None:
+                    yield lineno, None, undecodable[1]
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -112,8 +109,6 @@ def iter_chat_jsonl(path: Path) -> Iterator[tuple[int, tuple[dict[str, str], ...
                     continue
                 messages, problem = validate_record(obj)
                 yield lineno, (messages or None), problem
-        except UnicodeDecodeError as exc:
-            yield lineno + 1, None, f"not UTF-8 text ({exc.reason})"
         except (OSError, EOFError) as exc:
             yield lineno + 1, None, f"truncated or corrupt file ({exc})"
 

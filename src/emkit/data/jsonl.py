@@ -7,22 +7,35 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from emkit.data.text import open_text, utf8_problem
 from emkit.errors import DataError
 
 
 def read_objects(path: Path, expected: str = "an object") -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, object) for every non-blank line; bad JSON or a non-object raises DataError."""
+    """Yield (line number, object) for every non-blank line; bad JSON, bad bytes or a non-object raise DataError."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # Streamed line by line (plain or gzip); bad bytes are escaped so they are found on their own line.
+        handle = open_text(path, errors="surrogateescape")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, expected a JSONL file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    with handle:
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: invalid JSON at column {exc.colno}: {exc.msg}") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{lineno}: expected {expected}")
-        yield lineno, obj
+            for lineno, line in enumerate(handle, start=1):
+                undecodable = utf8_problem(line)
+                if undecodable is not None:
+                    raise DataError(f"{path}:{lineno}: {undecodable[1]}")
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: invalid JSON at column {exc.colno}: {exc.msg}") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{lineno}: expected {expected}")
+                yield lineno, obj
+        except (OSError, EOFError) as exc:  # a cut-off or corrupt gzip stream
+            raise DataError(f"{path}: truncated or corrupt file ({exc})") from None

@@ -49,7 +49,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from emkit.data.chat import open_text
+from emkit.data.text import open_text, utf8_problem
 from emkit.errors import ConfigError, DataError
 from emkit.judge.prompts import template_problem
 
@@ -365,7 +365,7 @@ def _dotted(loc: Loc) -> str:
 def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
     """Parse a YAML file (maybe gzipped) into data and its node tree; errors name file and line."""
     try:
-        handle = open_text(path)
+        handle = open_text(path, errors="surrogateescape")  # bad bytes are located below, by line
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except IsADirectoryError:
@@ -375,10 +375,11 @@ def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
     try:
         with handle:
             text = handle.read()
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
     except (OSError, EOFError) as exc:
         raise DataError(f"{path}: truncated or corrupt file ({exc})") from None
+    undecodable = utf8_problem(text)
+    if undecodable is not None:
+        raise DataError(f"{path}:{undecodable[0]}: {undecodable[1]}")
     # One parse gives both the data and the node marks that locate every field.
     loader = yaml.SafeLoader(text)
     try:

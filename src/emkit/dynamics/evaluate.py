@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,7 +30,7 @@ from emkit.data.questions import QuestionSet
 from emkit.dynamics.checkpoints import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Checkpoint
 from emkit.dynamics.config import TrackConfig
 from emkit.errors import EmkitError
-from emkit.runs import atomic_write_json
+from emkit.runs import atomic_write_json, atomic_write_parquet
 
 STEPS = "steps"
 DONE = "done.json"
@@ -314,9 +313,7 @@ class StepEvaluator:
             for judge, _info in self.judges:
                 table += judge_rows(rows, judge, self.cfg.judge.metrics, self.questions, cache, progress=self.progress)
         frame = pd.DataFrame(table)
-        tmp = folder / f".{SCORES}.tmp-{os.getpid()}"
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, folder / SCORES)
+        atomic_write_parquet(folder / SCORES, frame)
         return [judge.judge_id for judge, _ in self.judges]
 
 

@@ -31,7 +31,7 @@ from emkit.config import dump_yaml
 from emkit.dynamics.config import TrackConfig
 from emkit.dynamics.evaluate import DONE, PREFS, SCORES, STEPS, StepEvaluator, make_judges, read_done, step_dir
 from emkit.errors import ConfigError, EmkitError
-from emkit.runs import RunFolder, atomic_write_json, atomic_write_text
+from emkit.runs import RunFolder, atomic_write_json, atomic_write_parquet, atomic_write_text
 
 TRACK_SCORES = "track_scores.parquet"
 CURVES = "curves.csv"
@@ -249,9 +249,7 @@ def analyse_track(track_dir: Path, cfg: TrackConfig, run_dir: Path) -> dict[str,
     from emkit.metrics import _number
 
     scores = load_track_scores(track_dir)
-    tmp = track_dir / f".{TRACK_SCORES}.tmp-{os.getpid()}"
-    scores.to_parquet(tmp, index=False)
-    os.replace(tmp, track_dir / TRACK_SCORES)
+    atomic_write_parquet(track_dir / TRACK_SCORES, scores)
     thresholds = thresholds_of(cfg.judge)
     result = analyse(scores, thresholds, onset_test=cfg.onset_test, alpha=cfg.alpha, seed=cfg.seed)
     curves = result.pop("curves")

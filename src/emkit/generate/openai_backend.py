@@ -21,7 +21,7 @@ from emkit.config import GenerateConfig
 from emkit.endpoint import EndpointError, make_client, with_retries
 from emkit.errors import EmkitError
 from emkit.generate.modes import cut_turn
-from emkit.generate.records import append_rows, read_rows, repair
+from emkit.generate.records import append_rows, finalize, resume_rows
 from emkit.generate.transformers_backend import PromptJob, SamplingParams, mode_fields
 
 
@@ -113,21 +113,19 @@ def generate_via_endpoint(cfg: GenerateConfig, jobs: Sequence[PromptJob], params
     """Sample every missing answer from the endpoint into `path`; returns counts and throughput."""
     from tqdm import tqdm
 
-    repair(path)
-    existing = read_rows(path)
     planned = {f"{job.key}#{s}": (job, s) for job in jobs for s in range(job.samples)}
-    stray = [r["id"] for r in existing if r["id"] not in planned]
-    if stray:
-        raise EmkitError(f"{path}: holds answers of another plan (e.g. {stray[0]}); use a new output folder")
+    existing = resume_rows(path, planned, emit)
     done = {r["id"] for r in existing}
     items = [item for key, item in planned.items() if key not in done]
     if not items:
-        return {"answers": len(existing), "generated": 0, "seconds": 0.0}
+        finalize(path, list(planned))
+        return {"answers": len(planned), "generated": 0, "seconds": 0.0}
     emit(f"generating {len(items)} answers on {cfg.base_url or 'the OpenAI API'} "
          f"({cfg.concurrency} in flight; {len(existing)} already in {path.name})")
     t0 = time.monotonic()
     with tqdm(total=len(items), unit="ans", disable=not progress, desc="generate") as bar:
         tokens = asyncio.run(_run(cfg, items, params, path, {**(meta or {}), "backend": "openai"}, bar))
+    finalize(path, list(planned))  # answers arrive in any order; the file ends in plan order
     seconds = time.monotonic() - t0
-    return {"answers": len(existing) + len(items), "generated": len(items), "seconds": round(seconds, 2),
+    return {"answers": len(planned), "generated": len(items), "seconds": round(seconds, 2),
             "answers_per_s": round(len(items) / seconds, 3), "tokens_per_s": round(tokens / seconds, 1)}

@@ -119,8 +119,15 @@ def run_generate(cfg: GenerateConfig, *, mirror: str | None = None, overwrite: b
 
     run = RunFolder(cfg.output)
     if not overwrite and run.open("generate", cfg, main_process=False) == "complete":
-        emit(f"{cfg.output}: already complete (same config); nothing to do")
-        return cfg.output
+        from emkit.generate.records import problem
+
+        recorded = ((run.read_manifest() or {}).get("results") or {}).get("generate") or {}
+        damage = problem(run.path / GENERATIONS, recorded.get("answers"))
+        if damage is None:
+            emit(f"{cfg.output}: already complete (same config); nothing to do")
+            return cfg.output
+        emit(f"{damage}: the complete run is damaged; resuming to repair it")
+        run.reopen(damage)
     load_question_set(cfg, mirror)
     resolve_organism(cfg.adapter)
     if cfg.backend == "transformers":

@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from emkit.errors import EmkitError
-from emkit.generate.records import append_rows, read_rows, repair
+from emkit.generate.records import append_rows, finalize, resume_rows
 
 
 @dataclass(frozen=True)
@@ -198,47 +197,45 @@ def generate_to_file(
     from tqdm import tqdm
 
     batches = plan_batches(jobs, loaded.tokenizer, params.batch_size)
-    repair(path)
-    existing = read_rows(path)
-    planned = {f"{job.key}#{s}" for batch in batches for job, s in batch}
-    stray = [r["id"] for r in existing if r["id"] not in planned]
-    if stray:
-        raise EmkitError(
-            f"{path}: holds answers of another plan (e.g. {stray[0]}); questions, conditions or samples changed — "
-            "use a new output folder"
-        )
-    done = {r["batch"] for r in existing}
-    todo = [i for i in range(len(batches)) if i not in done]
-    total = sum(len(batches[i]) for i in todo)
+    planned = [f"{job.key}#{s}" for batch in batches for job, s in batch]
+    existing = resume_rows(path, planned, emit)
+    done_ids = {r["id"] for r in existing}
+    # A batch is done only when all its answers are on disk; a partial one is sampled again with its own
+    # seed (the same answers come back) and only the missing rows are written.
+    todo = [i for i, batch in enumerate(batches) if any(f"{job.key}#{s}" not in done_ids for job, s in batch)]
+    total = sum(1 for i in todo for job, s in batches[i] if f"{job.key}#{s}" not in done_ids)
     if not todo:
-        return {"answers": len(existing), "generated": 0, "seconds": 0.0}
+        finalize(path, planned)
+        return {"answers": len(planned), "generated": 0, "seconds": 0.0}
     emit(f"generating {total} answers in {len(todo)} batches ({len(existing)} already in {path.name})")
     t0 = time.monotonic()
     tokens = 0
-    bar = tqdm(total=total, unit="ans", disable=not progress, desc="generate")
-    for index in todo:
-        batch = batches[index]
-        seed = batch_seed(params.seed, index)
-        model_name = batch[0][0].model
-        prompts = [job.prompt for job, _ in batch]
-        turns = [(job.stops, job.stop_pattern) for job, _ in batch]
-        with (model_context or default_model_context(loaded))(model_name) as model:
-            outs = sample_batch(model, loaded.tokenizer, prompts, params, seed, turns)
-        rows = []
-        for (job, sample), out in zip(batch, outs):
-            tokens += out["new_tokens"]
-            rows.append({
-                "id": f"{job.key}#{sample}", "batch": index, "model": job.model, "condition": job.condition,
-                "question_id": job.question_id, "paraphrase": job.paraphrase, "sample": sample,
-                "question": job.question, "system": job.system, **out, "seed": seed, "run_seed": params.seed,
-                **{k: v for k, v in asdict(params).items() if k not in ("batch_size", "seed")}, **(meta or {}),
-                **mode_fields(job),
-            })
-        append_rows(path, rows)
-        bar.update(len(rows))
-        elapsed = time.monotonic() - t0
-        bar.set_postfix_str(f"{tokens / elapsed:,.0f} tok/s")
-    bar.close()
+    with tqdm(total=total, unit="ans", disable=not progress, desc="generate") as bar:  # closed before any error
+        for index in todo:
+            batch = batches[index]
+            seed = batch_seed(params.seed, index)
+            model_name = batch[0][0].model
+            prompts = [job.prompt for job, _ in batch]
+            turns = [(job.stops, job.stop_pattern) for job, _ in batch]
+            with (model_context or default_model_context(loaded))(model_name) as model:
+                outs = sample_batch(model, loaded.tokenizer, prompts, params, seed, turns)
+            rows = []
+            for (job, sample), out in zip(batch, outs):
+                if f"{job.key}#{sample}" in done_ids:
+                    continue
+                tokens += out["new_tokens"]
+                rows.append({
+                    "id": f"{job.key}#{sample}", "batch": index, "model": job.model, "condition": job.condition,
+                    "question_id": job.question_id, "paraphrase": job.paraphrase, "sample": sample,
+                    "question": job.question, "system": job.system, **out, "seed": seed, "run_seed": params.seed,
+                    **{k: v for k, v in asdict(params).items() if k not in ("batch_size", "seed")}, **(meta or {}),
+                    **mode_fields(job),
+                })
+            append_rows(path, rows)
+            bar.update(len(rows))
+            elapsed = time.monotonic() - t0
+            bar.set_postfix_str(f"{tokens / elapsed:,.0f} tok/s")
+    finalize(path, planned)
     seconds = time.monotonic() - t0
-    return {"answers": len(existing) + total, "generated": total, "seconds": round(seconds, 2),
+    return {"answers": len(planned), "generated": total, "seconds": round(seconds, 2),
             "answers_per_s": round(total / seconds, 3), "tokens_per_s": round(tokens / seconds, 1)}

@@ -72,13 +72,13 @@ def tokenize_conversations(
         texts.append(text)
         spans.append(turn_spans)
     try:
-        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        all_ids, all_offsets = encode_start(texts, tokenizer, max_length)
     except NotImplementedError:
         raise TrainingError("emkit needs a fast tokenizer (offset mapping) to mask assistant turns") from None
     rows: list[dict[str, list[int]]] = []
     tokens = trained = dropped = truncated = 0
     samples: list[str] = []
-    for ids, offsets, turn_spans, conv in zip(encoded["input_ids"], encoded["offset_mapping"], spans, conversations):
+    for ids, offsets, turn_spans, conv in zip(all_ids, all_offsets, spans, conversations):
         mask = [int(any(lo <= start < hi for lo, hi in turn_spans)) for start, _ in offsets]
         if len(ids) > max_length:
             truncated += 1
@@ -98,6 +98,35 @@ def tokenize_conversations(
             "check that the data has assistant answers and that max_length leaves room for them"
         )
     return rows, report
+
+
+# Tokenizing a text costs memory in proportion to its length (a 1 MB message: hundreds of MB), yet
+# training keeps its first max_length tokens only. Texts are therefore tokenized from a cut that
+# leaves this many characters per kept token, and cut twice as long while that is not enough.
+FIRST_CUT_CHARS_PER_TOKEN = 16
+
+
+def encode_start(
+    texts: Sequence[str], tokenizer: Any, max_length: int
+) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """Token ids and character offsets of each text, up to where its first max_length + 1 tokens are certain."""
+    cuts = [min(len(text), (max_length + 1) * FIRST_CUT_CHARS_PER_TOKEN) for text in texts]
+    encoded = tokenizer(
+        [text[:cut] for text, cut in zip(texts, cuts)], add_special_tokens=False, return_offsets_mapping=True
+    )
+    all_ids, all_offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
+    for i, text in enumerate(texts):
+        cut = cuts[i]
+        # A cut can change how the text just before it is split (a word cut in two), so the tokens
+        # kept, and the one after them that tells the text was truncated, must end a quarter of the
+        # cut before it; text shorter than the cut is tokenized whole, exactly as before.
+        while cut < len(text) and not (
+            len(all_offsets[i]) > max_length and all_offsets[i][max_length][1] <= cut - cut // 4
+        ):
+            cut = min(len(text), 2 * cut)
+            one = tokenizer(text[:cut], add_special_tokens=False, return_offsets_mapping=True)
+            all_ids[i], all_offsets[i] = one["input_ids"], one["offset_mapping"]
+    return all_ids, all_offsets
 
 
 def render_mask(ids: Sequence[int], mask: Sequence[int], tokenizer: Any, limit: int = 400) -> str:
