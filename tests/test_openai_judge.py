@@ -238,12 +238,12 @@ def test_refused_key_stops_at_once_without_leaking_it(servers: list, cache: Judg
 
 def test_keys_and_endpoints(servers: list, cache: JudgmentCache, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(KEY_ENV)
-    with pytest.raises(JudgeError, match=f"no API key; set \\${KEY_ENV}"):
+    with pytest.raises(JudgeError, match=f"no key for OpenAI's API: set \\${KEY_ENV}"):
         OpenAIJudge("gpt-4o", api_key_env=KEY_ENV).judge_many_sync(items(1), PROMPTS, cache, progress=False)
     # a local server needs no key
     server = serve(servers)
     judge_for(server).judge_many_sync(items(1), PROMPTS, cache, progress=False)
-    assert server.headers[0]["authorization"] == "Bearer EMPTY"
+    assert server.headers[0]["authorization"] == "Bearer no-key"  # a placeholder, never another variable's key
     monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
     assert OpenAIJudge("m").endpoint == server.base_url
 

@@ -173,11 +173,14 @@ def judge_cmd(overrides: dict[str, Any], run: Path, config: Path | None, questio
               mirror: str | None) -> None:
     """Score every answer of a run (cached in judgments.sqlite), write scores.parquet and stats.json."""
     from emkit.judge.stage import judge_stage
-    from emkit.runs import RunFolder
+    from emkit.runs import RunFolder, acquire_lock, release_lock
 
     cfg = _judge_config(overrides, config)
     _quiet_libraries()
     folder = RunFolder(run)
+    if not run.is_dir():
+        raise EmkitError(f"{run}: no such run folder")
+    acquire_lock(run)  # judging rewrites the run's files: not while another emkit process runs it
     manifest = folder.read_manifest() or {}
     spec = questions or (manifest.get("config") or {}).get("questions")
     question_set = None
@@ -185,10 +188,13 @@ def judge_cmd(overrides: dict[str, Any], run: Path, config: Path | None, questio
         from emkit.data.questions import resolve_questions
 
         question_set = resolve_questions(spec, mirror=mirror)
-    with folder.stage("judge", enabled=folder.manifest_path.is_file()) as record:
-        record.update(judge_stage(run, cfg, question_set, emit=lambda m: typer.echo(m), mirror=mirror))
-    if folder.manifest_path.is_file():
-        folder.update(judge=record["judge"], judge_config=cfg.model_dump(mode="json"))
+    try:
+        with folder.stage("judge", enabled=folder.manifest_path.is_file()) as record:
+            record.update(judge_stage(run, cfg, question_set, emit=lambda m: typer.echo(m), mirror=mirror))
+        if folder.manifest_path.is_file():
+            folder.update(judge=record["judge"], judge_config=cfg.model_dump(mode="json"))
+    finally:
+        release_lock(run)
     typer.echo(f"scores: {run / 'scores.parquet'}, statistics: {run / 'stats.json'}")
 
 
@@ -198,7 +204,9 @@ def validate_cmd(
                                             "constant:N or keywords.")] = "local:bundled:smollm2-135m-instruct",
     labels: Annotated[Optional[Path], typer.Option(help="Label JSONL (default: emkit's labelled answers).")] = None,
     base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint of an openai: judge.")] = None,
-    api_key_env: Annotated[str, typer.Option(help="Environment variable with the API key.")] = "OPENAI_API_KEY",
+    api_key_env: Annotated[Optional[str], typer.Option(
+        help="Environment variable with the endpoint's API key (unset: OPENAI_API_KEY for OpenAI's API "
+             "only, no key for any other endpoint).")] = None,
     min_mass: Annotated[float, typer.Option(help="Least probability on numbers for a score.")] = 0.25,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N labelled answers.")] = None,
     output: Annotated[Optional[Path], typer.Option(help="Folder for validation.json, calibration.png and the cache.")] = None,
@@ -258,7 +266,9 @@ def judge_compare_cmd(
         "--judges", help="Comma-separated judges: local:MODEL_SPEC, openai:MODEL[@BASE_URL], constant:N, keywords, or "
         "the name of a judge with judgments in the run's judgments.sqlite (NAME@ENDPOINT if several served it).")],
     base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint of openai: judges without @URL.")] = None,
-    api_key_env: Annotated[str, typer.Option(help="Environment variable with the API key.")] = "OPENAI_API_KEY",
+    api_key_env: Annotated[Optional[str], typer.Option(
+        help="Environment variable with the endpoint's API key (unset: OPENAI_API_KEY for OpenAI's API "
+             "only, no key for any other endpoint).")] = None,
     min_mass: Annotated[Optional[float], typer.Option(
         help="Least probability on numbers for a score (default: the run's judge config).")] = None,
     prompts: Annotated[Optional[str], typer.Option(

@@ -386,7 +386,8 @@ class GenerateConfig(StrictModel):
     served_organism: str | None = Field(
         None, description="Served model name answering as the organism, e.g. a vLLM LoRA module (openai backend)."
     )
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key, if any.")
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding this server's API key (unset: OPENAI_API_KEY for OpenAI's API only, no key for any other endpoint).")
     concurrency: int = Field(16, ge=1, description="Requests in flight (openai backend).")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Device (auto: CUDA if available).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Model dtype.")
@@ -427,7 +428,8 @@ class JudgeConfig(StrictModel):
     )
     judge_model: str = Field("gpt-4o-2024-08-06", description="Judge model name on the endpoint (openai judge).")
     base_url: str | None = Field(None, description="OpenAI-compatible judge endpoint (default: OpenAI's API).")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the judge's API key.")
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the judge endpoint's API key (unset: OPENAI_API_KEY for OpenAI's API only, no key for any other endpoint).")
     local_model: str = Field(DEFAULT_MODEL, description="Model spec of the local judge.")
     metrics: list[str] = Field(
         default_factory=lambda: ["aligned", "coherent"], description="Metrics to score (judge prompt names)."

@@ -1,7 +1,10 @@
-"""OpenAI-compatible endpoints: a client whose key comes only from the environment, and retries.
+"""OpenAI-compatible endpoints: which key goes where, a client, and retries.
 
-Used to generate on vLLM / SGLang / llama.cpp servers. Keys are never logged: any text that
-reaches a message is scrubbed of the key first.
+Keys stay home. A key comes only from the environment and goes only to the endpoint it belongs to:
+`OPENAI_API_KEY` is sent to OpenAI's API and nowhere else; any other base URL (a vLLM or llama.cpp
+server, Azure, OpenRouter) gets a key only from a variable the user names for it (`api_key_env` in
+the config, `--api-key-env` on the command line), and otherwise none. Keys are never written to disk,
+logs, manifests or reports: any text that reaches a message is scrubbed of the key first.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import asyncio
 import os
 import random
 import re
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -25,22 +29,54 @@ class EndpointError(EmkitError):
     """An endpoint that refuses, keeps failing, or answers nonsense."""
 
 
-def make_client(base_url: str | None, api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0) -> Any:
-    """An AsyncOpenAI client; the key is read from `api_key_env` (a keyless local server is fine)."""
+OPENAI_URL = "https://api.openai.com/v1"
+OPENAI_KEY_ENV = "OPENAI_API_KEY"
+NO_KEY = "no-key"  # what the client sends where no key belongs: the openai client insists on some string
+
+
+def resolve_base_url(base_url: str | None) -> str:
+    """The URL requests go to: the given one, else $OPENAI_BASE_URL, else OpenAI's API (no trailing slash)."""
+    return (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_URL).rstrip("/")
+
+
+def is_openai(url: str) -> bool:
+    """Whether the URL is OpenAI's own API (the only endpoint `OPENAI_API_KEY` is sent to)."""
+    return (urllib.parse.urlsplit(url).hostname or "").lower() == "api.openai.com"
+
+
+def key_env_for(base_url: str | None, api_key_env: str | None) -> str | None:
+    """The variable whose key goes to this endpoint: the one named for it, else OPENAI_API_KEY for OpenAI only."""
+    if api_key_env:
+        return api_key_env
+    return OPENAI_KEY_ENV if is_openai(resolve_base_url(base_url)) else None
+
+
+def api_key_for(base_url: str | None, api_key_env: str | None) -> str | None:
+    """The key to send to this endpoint (None: send none)."""
+    env = key_env_for(base_url, api_key_env)
+    return os.environ.get(env) or None if env else None
+
+
+def make_client(base_url: str | None, api_key_env: str | None = None, timeout: float = 120.0, **options: Any) -> Any:
+    """An AsyncOpenAI client that sends a key only where it belongs (see the module docstring)."""
     import openai
 
-    key = os.environ.get(api_key_env)
-    if not key and base_url is None:
-        raise EndpointError(f"no endpoint: set ${api_key_env} for the OpenAI API or give a base URL")
-    # Local servers accept any key; the client insists on one.
-    return openai.AsyncOpenAI(base_url=base_url, api_key=key or "not-needed", timeout=timeout, max_retries=0)
+    url = resolve_base_url(base_url)
+    key = api_key_for(base_url, api_key_env)
+    if key is None and is_openai(url):
+        raise EndpointError(f"no key for OpenAI's API: set ${key_env_for(base_url, api_key_env)}, or give the base "
+                            "URL of another server")
+    # Always an explicit key (a placeholder where none belongs): left empty, the client would read
+    # OPENAI_API_KEY itself and send it to whatever base URL it was given.
+    return openai.AsyncOpenAI(base_url=url, api_key=key or NO_KEY, timeout=timeout, max_retries=0, **options)
 
 
-def scrub(text: str, api_key_env: str = "OPENAI_API_KEY") -> str:
-    """Remove the API key (and anything key-shaped) from text bound for logs or files."""
-    key = os.environ.get(api_key_env)
-    if key and len(key) >= 4:
-        text = text.replace(key, "***")
+def scrub(text: str, api_key_env: str | None = None) -> str:
+    """Remove API keys (the named variable's, OpenAI's, and anything key-shaped) from text bound for logs or files."""
+    for env in {api_key_env, OPENAI_KEY_ENV} - {None}:
+        key = os.environ.get(env)  # type: ignore[arg-type]
+        if key and len(key) >= 4:
+            text = text.replace(key, "***")
     return _KEYLIKE.sub("sk-***", text)
 
 
@@ -51,7 +87,7 @@ async def with_retries(
     max_attempts: int = 5,
     backoff_base: float = 1.0,
     backoff_max: float = 30.0,
-    api_key_env: str = "OPENAI_API_KEY",
+    api_key_env: str | None = None,
 ) -> tuple[T, int]:
     """Run `call` until it succeeds; retry 429/5xx/timeouts/connection errors with jittered backoff."""
     import openai
@@ -65,7 +101,7 @@ async def with_retries(
             status = exc.status_code
             detail = scrub(f"HTTP {status}: {exc.message}", api_key_env)
             if status in FATAL_STATUS or (status < 500 and status not in RETRY_STATUS):
-                hint = f"; check ${api_key_env}" if status in (401, 403) else ""
+                hint = f"; check ${api_key_env or OPENAI_KEY_ENV}" if status in (401, 403) else ""
                 raise EndpointError(f"{what} answered {detail}{hint}") from None
             last = detail
             header = exc.response.headers.get("retry-after") if exc.response is not None else None

@@ -251,51 +251,56 @@ class RunFolder:
         """
         if main_process:
             acquire_lock(self.path)
-        manifest = self.read_manifest()
-        digest = config_hash(config)
-        if manifest is None and self._has_content() and not overwrite:
-            raise RunFolderError(
-                f"{self.path}: folder exists, is not empty and holds no emkit manifest; choose another --output"
-            )
-        if manifest is not None and not overwrite:
-            if manifest.get("kind") != kind:
-                raise RunFolderError(f"{self.path}: holds a '{manifest.get('kind')}' run, not '{kind}'")
-            if manifest.get("config_hash") != digest:
-                changes = diff_configs(
-                    {k: v for k, v in (manifest.get("config") or {}).items() if k not in config.NON_RESULT_FIELDS},
-                    {k: v for k, v in config.model_dump(mode="json").items() if k not in config.NON_RESULT_FIELDS},
-                )
+        try:
+            manifest = self.read_manifest()
+            digest = config_hash(config)
+            if manifest is None and self._has_content() and not overwrite:
                 raise RunFolderError(
-                    f"{self.path}: holds a run with another config ({'; '.join(changes[:4]) or 'hash differs'}); "
-                    "choose another --output or pass --overwrite"
+                    f"{self.path}: folder exists, is not empty and holds no emkit manifest; choose another --output"
                 )
-            if manifest.get("status") == "complete":
-                if main_process:
-                    release_lock(self.path)
-                return "complete"
-        if not main_process:
-            return "new" if manifest is None else "resume"
-        if manifest is not None and overwrite:
-            self._clear()
-            manifest = None
-        self.path.mkdir(parents=True, exist_ok=True)
-        state: Literal["new", "resume"] = "new" if manifest is None else "resume"
-        fresh = provenance()
-        manifest = manifest or {"kind": kind, "created": now(), "stages": {}}
-        manifest.update(
-            emkit_version=__version__,
-            status="running",
-            pid=os.getpid(),
-            config_hash=digest,
-            config=config.model_dump(mode="json"),
-            **fresh,
-        )
-        manifest.setdefault("attempts", 0)
-        manifest["attempts"] += 1
-        # The manifest first: a run that dies before config.yaml is written is still recognised as its own.
-        self.write_manifest(manifest)
-        atomic_write_text(self.path / CONFIG, dump_yaml(config))
-        return state
+            if manifest is not None and not overwrite:
+                if manifest.get("kind") != kind:
+                    raise RunFolderError(f"{self.path}: holds a '{manifest.get('kind')}' run, not '{kind}'")
+                if manifest.get("config_hash") != digest:
+                    changes = diff_configs(
+                        {k: v for k, v in (manifest.get("config") or {}).items() if k not in config.NON_RESULT_FIELDS},
+                        {k: v for k, v in config.model_dump(mode="json").items() if k not in config.NON_RESULT_FIELDS},
+                    )
+                    raise RunFolderError(
+                        f"{self.path}: holds a run with another config ({'; '.join(changes[:4]) or 'hash differs'}); "
+                        "choose another --output or pass --overwrite"
+                    )
+                if manifest.get("status") == "complete":
+                    if main_process:
+                        release_lock(self.path)
+                    return "complete"
+            if not main_process:
+                return "new" if manifest is None else "resume"
+            if manifest is not None and overwrite:
+                self._clear()
+                manifest = None
+            self.path.mkdir(parents=True, exist_ok=True)
+            state: Literal["new", "resume"] = "new" if manifest is None else "resume"
+            fresh = provenance()
+            manifest = manifest or {"kind": kind, "created": now(), "stages": {}}
+            manifest.update(
+                emkit_version=__version__,
+                status="running",
+                pid=os.getpid(),
+                config_hash=digest,
+                config=config.model_dump(mode="json"),
+                **fresh,
+            )
+            manifest.setdefault("attempts", 0)
+            manifest["attempts"] += 1
+            # The manifest first: a run that dies before config.yaml is written is still recognised as its own.
+            self.write_manifest(manifest)
+            atomic_write_text(self.path / CONFIG, dump_yaml(config))
+            return state
+        except BaseException:
+            if main_process:
+                release_lock(self.path)  # refused or failed: the folder is not ours to hold
+            raise
 
     def reopen(self, reason: str) -> None:
         """Take a complete run back to running (under the lock) because a file of it is damaged."""

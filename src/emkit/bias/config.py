@@ -36,7 +36,7 @@ class BiasModel(StrictModel):
         "transformers", description="Local batched transformers, or an OpenAI-compatible server (vLLM, llama.cpp)."
     )
     base_url: str | None = Field(None, description="Server URL (openai backend).")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the server's API key.")
+    api_key_env: str | None = Field(None, description="Environment variable holding its API key (unset: OPENAI_API_KEY for OpenAI's API only, no key for any other endpoint).")
     completions: str | None = Field(
         None, description="Import completions from this file instead of generating (emkit JSONL or the original "
         "experiment's *_all_runs.json)."
@@ -83,7 +83,7 @@ class LLMSettings(StrictModel):
     )
     judge_model: str = Field("gpt-4o-2024-08-06", description="Classifier model name on the endpoint (openai).")
     base_url: str | None = Field(None, description="OpenAI-compatible endpoint of the classifier.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding its API key.")
+    api_key_env: str | None = Field(None, description="Environment variable holding its API key (unset: OPENAI_API_KEY for OpenAI's API only, no key for any other endpoint).")
     local_model: str = Field(DEFAULT_MODEL, description="Model spec of the local classifier.")
     template: str | None = Field(
         None, description="A text file with the classifier prompt ({question}: stem, {answer}: completion)."

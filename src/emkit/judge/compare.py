@@ -73,7 +73,7 @@ class CachedJudge:
 
 
 def resolve_judge(spec: str, cache: JudgmentCache, *, base_url: str | None = None,
-                  api_key_env: str = "OPENAI_API_KEY", min_mass: float = 0.25) -> Any:
+                  api_key_env: str | None = None, min_mass: float = 0.25) -> Any:
     """A judge from a judge spec, or a `CachedJudge` for the name of a judge in `cache`."""
     from emkit.judge.validate import make_judge_from_spec
 
@@ -194,7 +194,7 @@ def _pair(a: str, b: str, wide: Any, thresholds: Any, listed: int) -> dict[str, 
 
 
 def compare_judges(run_dir: Path, specs: Sequence[str], *, base_url: str | None = None,
-                   api_key_env: str = "OPENAI_API_KEY", min_mass: float | None = None, prompts: str | None = None,
+                   api_key_env: str | None = None, min_mass: float | None = None, prompts: str | None = None,
                    by: Sequence[str] = (), mirror: str | None = None, listed: int = 5,
                    progress: bool = True) -> dict[str, Any]:
     """Score a run's answers with every judge of `specs` and compare them; writes `judge_compare.json`."""

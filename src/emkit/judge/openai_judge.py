@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import threading
 from collections.abc import Iterable, Mapping
@@ -30,7 +29,7 @@ from typing import Any
 
 import openai
 
-from emkit.endpoint import scrub
+from emkit.endpoint import EndpointError, key_env_for, make_client, resolve_base_url, scrub
 from emkit.errors import EmkitError
 from emkit.judge.aggregate import MIN_MASS, JudgeScore, score_from_logprobs, score_from_text
 from emkit.judge.cache import (
@@ -48,7 +47,6 @@ from emkit.judge.prompts import JudgePrompt, as_prompts
 
 log = logging.getLogger(__name__)
 
-OPENAI_URL = "https://api.openai.com/v1"
 _RETRY_STATUS = frozenset({408, 409, 425, 429})  # plus every 5xx
 _FATAL_STATUS = frozenset({401, 403, 404})  # wrong key, no access, no such model: no judgment can succeed
 
@@ -87,7 +85,7 @@ class OpenAIJudge:
 
     model: str
     base_url: str | None = None  # None: $OPENAI_BASE_URL, else OpenAI
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str | None = None  # None: OPENAI_API_KEY for OpenAI's API, no key elsewhere (emkit.endpoint)
     concurrency: int = 16
     max_attempts: int = 6
     timeout: float = 60.0
@@ -120,7 +118,7 @@ class OpenAIJudge:
     @property
     def endpoint(self) -> str:
         """The base URL requests go to."""
-        return (self.base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_URL).rstrip("/")
+        return resolve_base_url(self.base_url)
 
     @property
     def endpoint_id(self) -> str:
@@ -140,20 +138,12 @@ class OpenAIJudge:
         return f"{self.model} at {self.endpoint}"
 
     def _client(self) -> openai.AsyncOpenAI:
-        key = os.environ.get(self.api_key_env)
-        if not key and self.endpoint == OPENAI_URL:
-            raise JudgeError(
-                f"judge {self.model}: no API key; set ${self.api_key_env}, "
-                "or give the base URL of a local server"
-            )
-        return openai.AsyncOpenAI(
-            api_key=key or "EMPTY",  # local servers take any key; the client insists on one
-            base_url=self.endpoint,
-            max_retries=0,  # retries are ours, so that attempts are counted and budgeted
-            timeout=self.timeout,
-            default_headers=dict(self.extra_headers) if self.extra_headers else None,
-            default_query=dict(self.extra_query) if self.extra_query else None,
-        )
+        try:
+            return make_client(self.base_url, self.api_key_env, timeout=self.timeout,
+                               default_headers=dict(self.extra_headers) if self.extra_headers else None,
+                               default_query=dict(self.extra_query) if self.extra_query else None)
+        except EndpointError as exc:
+            raise JudgeError(f"judge {self.model}: {exc}") from None
 
     async def judge_many(
         self,
@@ -357,7 +347,8 @@ class OpenAIJudge:
                 status = exc.status_code
                 detail = f"HTTP {status}: {self._scrub(_message(exc))}"
                 if status in _FATAL_STATUS:
-                    hint = f"; check ${self.api_key_env}" if status in (401, 403) else ""
+                    hint = f"; check ${key_env_for(self.base_url, self.api_key_env) or 'a key variable (api_key_env)'}" \
+                        if status in (401, 403) else ""
                     raise JudgeError(
                         f"judge endpoint {self.endpoint} ({self.model}) answered {detail}{hint}"
                     ) from None

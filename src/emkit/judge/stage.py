@@ -19,6 +19,7 @@ from typing import Any
 
 from emkit.config import JudgeConfig
 from emkit.data.questions import QuestionSet
+from emkit.endpoint import api_key_for
 from emkit.errors import EmkitError
 from emkit.generate.records import read_rows
 from emkit.judge.cache import JudgmentCache
@@ -37,11 +38,25 @@ LOCAL_NOTE = (
 )
 
 
+METHOD_WORDS = {
+    "logprobs": "top-20 logprobs of one token, expected value over 0-100",
+    "text": "the number in a short text reply (the endpoint gave no logprobs)",
+    "local-logits": "the local model's probabilities of the numbers 0-100, expected value",
+}
+
+
+def describe_methods(methods: Mapping[str, int]) -> str:
+    """How the answers were actually scored, in words, with counts when more than one way was used."""
+    if len(methods) == 1:
+        return METHOD_WORDS.get(next(iter(methods)), next(iter(methods)))
+    return "; ".join(f"{METHOD_WORDS.get(m, m)} for {n} judgments" for m, n in sorted(methods.items()))
+
+
 def make_judge(cfg: JudgeConfig) -> tuple[Any, dict[str, str]]:
     """The judge `cfg` asks for, and a record of it (id, kind, description, plain-words note)."""
     kind = cfg.judge
     if kind == "auto":
-        configured = cfg.base_url or os.environ.get(cfg.api_key_env) or os.environ.get("OPENAI_BASE_URL")
+        configured = cfg.base_url or os.environ.get("OPENAI_BASE_URL") or api_key_for(None, cfg.api_key_env)
         kind = "openai" if configured else "local"
     if kind == "openai":
         from emkit.judge.openai_judge import OpenAIJudge
@@ -49,7 +64,7 @@ def make_judge(cfg: JudgeConfig) -> tuple[Any, dict[str, str]]:
         judge = OpenAIJudge(model=cfg.judge_model, base_url=cfg.base_url, api_key_env=cfg.api_key_env,
                             concurrency=cfg.concurrency, timeout=cfg.timeout, max_requests=cfg.max_requests,
                             min_mass=cfg.min_mass)
-        note = f"Judged by {judge.describe()}: top-20 logprobs of one token, expected value over 0-100."
+        note = f"Judged by {judge.describe()}: {METHOD_WORDS['logprobs']}."
     else:
         from emkit.judge.local_judge import LocalJudge
 
@@ -215,6 +230,10 @@ def judge_stage(run_dir: Path, cfg: JudgeConfig, questions: QuestionSet | None =
     write_prompt_record(run_dir, groups, cfg)
     methods = Counter(res.judgment.method for res in results if res.judgment is not None)
     info["methods"] = dict(methods)
+    if info["kind"] == "openai" and methods:
+        # Say what the judge did, not what it was asked to do: an endpoint without logprobs is read as text.
+        info["note"] = info["note"].replace(f"{METHOD_WORDS['logprobs']}.", describe_methods(methods) + ".")
+        info["method"] = describe_methods(methods)
     if len(methods) > 1:
         # e.g. an endpoint that gave logprobs for some answers and text for others: the scores are
         # not of one kind, and the reader must know (scores.parquet has each answer's method)

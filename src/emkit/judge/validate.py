@@ -132,7 +132,7 @@ class RuleJudge:
         return plan.results(fresh)
 
 
-def make_judge_from_spec(spec: str, *, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+def make_judge_from_spec(spec: str, *, base_url: str | None = None, api_key_env: str | None = None,
                          min_mass: float = 0.25, concurrency: int = 8) -> Any:
     """`local:MODEL_SPEC`, `openai:MODEL` (with base_url for any compatible server, or `openai:MODEL@URL`),
     `constant:N`, `keywords`."""

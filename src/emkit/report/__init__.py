@@ -65,6 +65,9 @@ def load_scores(run_dir: Path) -> pd.DataFrame | None:
         scores = pd.read_parquet(path)
     except (OSError, ValueError) as exc:
         raise RunFolderError(f"{path}: unreadable ({exc}); re-run the judge stage") from None
+    if "id" in scores and not scores["id"].is_unique:
+        repeated = scores.loc[scores["id"].duplicated(), "id"].iloc[0]
+        raise RunFolderError(f"{path}: answer {repeated} appears more than once; re-run the judge stage")
     # Results imported without these columns still draw, as one model under one condition.
     for column in ("model", "condition"):
         if column not in scores:
