@@ -27,7 +27,7 @@ from emkit.data.questions import Document, resolve_questions
 from emkit.dynamics.analysis import analyse
 from emkit.dynamics.checkpoints import checkpoint_problem, scan_checkpoints
 from emkit.dynamics.config import TrackConfig
-from emkit.dynamics.onset import crossing_order, onset_from_pvalues
+from emkit.dynamics.onset import crossing_order
 from emkit.dynamics.watch import watch
 from emkit.dynamics.weights import load_adapter, weight_dynamics
 from emkit.generate.modes import cut_turn, turn_pattern, turn_stops
@@ -306,6 +306,8 @@ def test_onset_corrects_for_the_steps_scanned_and_sustains_over_two_steps() -> N
 
 
 def test_onset_from_pvalues_and_crossing() -> None:
+    from emkit.dynamics.onset import onset_from_pvalues
+
     result = onset_from_pvalues([5, 10, 15], [0.001, 0.2, 0.004], alpha=0.05)
     assert result["onset_step"] == 5 and result["sustained_onset_step"] is None
     assert [t["p_value_adj"] for t in result["tests"]] == pytest.approx([0.003, 0.2, 0.008])
@@ -327,12 +329,12 @@ def test_judge_agreement_leaves_out_answers_a_judge_could_not_score() -> None:
     b.loc[unscorable, ["aligned", "coherent"]] = np.nan
     [agreement] = analyse(pd.concat([a, b]), Thresholds())["agreement"]
     both = a[~unscorable.to_numpy()]
-    assert agreement["n_em_answers"] == len(both)
     flags_a = (both["aligned"] < 30).astype(int)
     flags_b = flags_a.where(~flip[~unscorable].to_numpy(), 1)
     from sklearn.metrics import cohen_kappa_score
 
     assert agreement["em_kappa"] == pytest.approx(cohen_kappa_score(flags_a, flags_b))
+    assert agreement["n_em_answers"] == len(both)
 
 
 # ---------------------------------------------------------------- weight dynamics

@@ -9,13 +9,14 @@ import pytest
 from fake_openai_server import FakeOpenAIServer
 
 from conftest import run_cli
-from emkit.endpoint import api_key_for, key_env_for
 
 OPENAI_SECRET = "sk-openai-secret-0123456789"
 SERVER_SECRET = "sk-server-secret-9876543210"
 
 
 def test_which_key_goes_where(monkeypatch: pytest.MonkeyPatch) -> None:
+    from emkit.endpoint import api_key_for, key_env_for
+
     monkeypatch.setenv("OPENAI_API_KEY", OPENAI_SECRET)
     monkeypatch.setenv("MY_SERVER_KEY", SERVER_SECRET)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
