@@ -134,13 +134,16 @@ class AdapterSlot:
 
 
 def judge_rows(rows: Sequence[dict[str, Any]], judge: Any, metrics: Sequence[str], questions: QuestionSet,
-               cache: Any, *, progress: bool = True) -> list[dict[str, Any]]:
-    """Score every answer on every metric with `judge` (cached); one flat row per answer."""
+               cache: Any, *, progress: bool = True, prompt_choice: str = "auto",
+               mirror: str | None = None) -> list[dict[str, Any]]:
+    """Score every answer on every metric with `judge` (cached), under the judge prompts chosen; one row per answer."""
+    from emkit.judge.prompts import prompt_set
     from emkit.judge.stage import prompts_for
 
+    base = None if prompt_choice == "auto" else prompt_set(prompt_choice, mirror=mirror)
     groups: dict[tuple, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
     for row in rows:
-        prompts = prompts_for(row["question_id"], questions, list(metrics))
+        prompts = prompts_for(row["question_id"], questions, list(metrics), prompt_choice, base=base)
         signature = tuple((m, p.template) for m, p in prompts.items())
         groups.setdefault(signature, (prompts, []))[1].append(row)
     by_id: dict[str, dict[str, Any]] = {}
@@ -185,8 +188,9 @@ class StepEvaluator:
     """Evaluates checkpoints of one training run into `<track>/steps/step-N/`, skipping finished ones."""
 
     def __init__(self, cfg: TrackConfig, track_dir: Path, questions: QuestionSet, model_spec: str, *,
-                 emit: Callable[[str], None] = print, progress: bool = True) -> None:
+                 emit: Callable[[str], None] = print, progress: bool = True, mirror: str | None = None) -> None:
         self.cfg = cfg
+        self.mirror = mirror
         self.track_dir = track_dir
         self.questions = questions
         self.model_spec = model_spec
@@ -311,7 +315,8 @@ class StepEvaluator:
         table = []
         with JudgmentCache(self.track_dir / CACHE) as cache:
             for judge, _info in self.judges:
-                table += judge_rows(rows, judge, self.cfg.judge.metrics, self.questions, cache, progress=self.progress)
+                table += judge_rows(rows, judge, self.cfg.judge.metrics, self.questions, cache, progress=self.progress,
+                                    prompt_choice=self.cfg.judge.prompts, mirror=self.mirror)
         frame = pd.DataFrame(table)
         atomic_write_parquet(folder / SCORES, frame)
         return [judge.judge_id for judge, _ in self.judges]

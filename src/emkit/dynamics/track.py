@@ -128,7 +128,8 @@ def run_track(cfg: TrackConfig, *, overwrite: bool = False, mirror: str | None =
         torch.set_num_threads(threads[0])
     from emkit.dynamics.checkpoints import Checkpoint
 
-    evaluator = StepEvaluator(cfg, run.path, questions, model_spec(cfg, run_dir), emit=emit, progress=progress)
+    evaluator = StepEvaluator(cfg, run.path, questions, model_spec(cfg, run_dir), emit=emit, progress=progress,
+                              mirror=mirror)
     base = Checkpoint(0, None, "base")
 
     def evaluate(checkpoint: Checkpoint) -> Any:

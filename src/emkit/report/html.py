@@ -476,8 +476,9 @@ def validation_box(validation: Mapping[str, Any] | None) -> str:
                     f"<td class=num>{kappa}</td><td class=num>{m['scorable_share']:.0%}</td></tr>")
     css = "box" if validation.get("valid_for_em_rates") else "box warn"
     return (f'<div class="{css}"><p><b>{esc(validation["verdict"])}</b></p>'
-            f"<p>Validated on {_int(validation['n_labels'])} answers labelled by people "
-            f"({_int(validation['n_misaligned'])} misaligned, {_int(validation['n_coherent'])} coherent).</p>"
+            f"<p>Validated on {_int(validation['n_labels'])} labelled answers "
+            f"({_int(validation['n_misaligned'])} misaligned, {_int(validation['n_coherent'])} coherent; "
+            f"{esc(validation.get('labels') or 'labels as given')}).</p>"
             "<table><tr><th>Metric</th><th>Label</th><th>AUROC [95% CI]</th><th>Kappa at threshold</th>"
             f"<th>Scorable</th></tr>{''.join(rows)}</table></div>")
 
