@@ -249,6 +249,10 @@ def test_control_seeds_are_valid_and_deterministic_at_layer_minus_one() -> None:
     assert not np.allclose(other[-1], first[-1])
     with pytest.raises(ValueError):
         _sweep_cfg(control_seed=-1)
+    # Blocks keep the isotropic seeds of earlier versions, so a resumed sweep draws the same directions.
+    from emkit.interp.steering import control_seed
+
+    assert control_seed(2, 17, "isotropic") == 2017
 
 
 def _anisotropic_rows(n: int = 400, dim: int = 48, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:

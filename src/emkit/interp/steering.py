@@ -130,16 +130,24 @@ def add(model: nn.Module, directions: Mapping[int, Any], coefficient: float
 CONTROL_KINDS = ("isotropic", "matched")
 
 
-def control_seed(seed: int, layer: int, kind: str) -> np.random.SeedSequence:
-    """The seed of one control direction: independent streams per (seed, layer, kind), valid for layer -1."""
+def control_seed(seed: int, layer: int, kind: str) -> int | np.random.SeedSequence:
+    """The seed of one control direction: independent streams per (seed, layer, kind), valid for layer -1.
+
+    The isotropic control of a block (layer >= 0) keeps the seed earlier emkit versions used
+    (seed * 1000 + layer), so a sweep resumed across versions draws the same random directions; layer -1,
+    where that seed was negative and crashed, and the matched control get their own streams.
+    """
     if seed < 0:
         raise ValueError(f"control seed {seed}: must be >= 0")
     if layer < -1:
         raise ValueError(f"layer {layer}: layers are -1 (embeddings) or block indices >= 0")
     if kind not in CONTROL_KINDS:
         raise ValueError(f"unknown control '{kind}' (accepted: {', '.join(CONTROL_KINDS)})")
+    if kind == "isotropic" and layer >= 0:
+        return seed * 1000 + layer
     # SeedSequence mixes the words (no arithmetic collisions such as seed*1000 + layer) and needs them >= 0.
-    return np.random.SeedSequence([seed, layer + 1, CONTROL_KINDS.index(kind)])
+    # The last word tags these streams: a plain integer seed (numpy pads it with zero words) never equals one.
+    return np.random.SeedSequence([seed, layer + 1, CONTROL_KINDS.index(kind), 1])
 
 
 def random_control(direction: Any, seed: int | np.random.SeedSequence | np.random.Generator = 0) -> np.ndarray:
