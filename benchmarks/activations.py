@@ -5,7 +5,8 @@ scripts' one-prompt-at-a-time loop, in one run; plus peak memory as the number o
     python benchmarks/activations.py --random-llama-1b --tokenizer DIR --prompts 2048 --batch-size 64
 
 The prompts are chat-rendered user turns + assistant answers of a medical-advice chat dataset
-(emkit's demo set by default; bad_medical_advice from ../shared/data with --data). Every side reads
+(emkit's demo set by default; `--data bad_medical_advice` fetches the upstream set, from a mirror
+with `--mirror /path/to/mirror` or $EMKIT_DATA_MIRROR when offline). Every side reads
 every block output; emkit reads the mean over the answer tokens and streams float32 shards to disk.
 
   bare      model(**batch) on the same left-padded, length-sorted batches, nothing kept
@@ -48,13 +49,13 @@ def load(args: argparse.Namespace):
     return loaded, args.model
 
 
-def examples(tokenizer, n: int, data: str | None):
+def examples(tokenizer, n: int, data: str | None, mirror: str | None = None):
     """n examples (prompt rendered with the chat template, answer), cycling through the dataset."""
     from emkit.data.chat import read_chat_jsonl
     from emkit.data.registry import resolve_dataset
     from emkit.interp.activations import Example
 
-    path, _ = resolve_dataset(data or "emkit-bad-medical-demo")
+    path, _ = resolve_dataset(data or "emkit-bad-medical-demo", mirror=mirror)
     convs = read_chat_jsonl(path)
     out = []
     for i in range(n):
@@ -142,7 +143,7 @@ def memory_child(args: argparse.Namespace) -> None:
     import threading
 
     loaded, _ = load(args)
-    exs = examples(loaded.tokenizer, args.prompts, args.data)
+    exs = examples(loaded.tokenizer, args.prompts, args.data, args.mirror)
     if loaded.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     before = rss_mib()
@@ -171,6 +172,7 @@ def main() -> None:
     parser.add_argument("--random-llama-1b", action="store_true")
     parser.add_argument("--tokenizer")
     parser.add_argument("--data", help="chat dataset (file or registered name); default: emkit's demo set")
+    parser.add_argument("--mirror", help="mirror folder or URL of the upstream data (also $EMKIT_DATA_MIRROR)")
     parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--original-prompts", type=int, default=None, help="prompts timed for the original loop")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -188,7 +190,7 @@ def main() -> None:
         memory_child(args)
         return
     loaded, label = load(args)
-    exs = examples(loaded.tokenizer, args.prompts, args.data)
+    exs = examples(loaded.tokenizer, args.prompts, args.data, args.mirror)
     n_tokens = sum(len(loaded.tokenizer(e.prompt + e.response, add_special_tokens=False)["input_ids"]) for e in exs)
     print(f"model: {label} on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')}); {len(exs)} prompts, "
           f"{n_tokens / len(exs):.0f} tokens each on average, batch {args.batch_size}")
@@ -219,7 +221,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--memory-child", "--prompts", str(n), "--batch-size", str(args.batch_size),
                    "--shard-size", str(args.shard_size),
                    "--model", args.model] + (["--random-llama-1b", "--tokenizer", args.tokenizer]
-                                             if args.random_llama_1b else []) + (["--data", args.data] if args.data else [])
+                                             if args.random_llama_1b else []) + (["--data", args.data] if args.data else []) + (
+                       ["--mirror", args.mirror] if args.mirror else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             peaks.append(json.loads(out))
             gpu = f", peak GPU {peaks[-1]['peak_gpu_mib']:.0f} MiB" if peaks[-1]["peak_gpu_mib"] else ""

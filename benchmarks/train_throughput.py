@@ -6,7 +6,7 @@ is what the one-off scripts do: shuffled batches padded to their longest example
 length-grouped batches (its default). A third row, emkit with `--batching random`, shows how much
 of the difference is batching alone.
 
-    python benchmarks/train_throughput.py --mirror ../shared/data                 # bundled SmolLM2, CPU
+    python benchmarks/train_throughput.py --mirror /path/to/mirror              # bundled SmolLM2, CPU
     python benchmarks/train_throughput.py --random-llama-1b --tokenizer DIR --batch-size 32 --max-length 512
 """
 
@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--random-llama-1b", action="store_true", help="random Llama-3.2-1B-shaped model")
     parser.add_argument("--tokenizer", help="tokenizer folder (with --random-llama-1b)")
     parser.add_argument("--data", default="bad_medical_advice")
-    parser.add_argument("--mirror", default=None)
+    parser.add_argument("--mirror", default=None, help="mirror folder or URL of the upstream data (also $EMKIT_DATA_MIRROR)")
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--grad-accum", type=int, default=1)

@@ -46,6 +46,11 @@ The run folder (kind "import"):
 - `manifest.json`: the sources (path, sha256, rows, format, metrics, ignored columns) and
   `judge: {"id": "imported", ...}`.
 
+The source may also be a registered name of published results (`emkit data list`: e.g.
+`em-qwen-coder-insecure-judged`, `mo-steered-responses`, `hyperstition-scores`): it is fetched into
+emkit's cache (mirror, then upstream; every sha256 checked) under the upstream file names, so the run
+equals an import of the original files by path; the manifest then also names the `registry` entry.
+
 Re-importing the same source into a finished folder does nothing (unless a source file changed,
 which is refused); another source is refused by the run folder.
 """
@@ -508,16 +513,21 @@ def _check_unchanged(folder: RunFolder, files: list[Path]) -> None:
 
 
 def import_results(
-    source: Path,
+    source: Path | str,
     output: Path,
     *,
     model_label: str | None = None,
     overwrite: bool = False,
+    mirror: str | None = None,
     emit: Callable[[str], None] | None = None,
 ) -> Path:
-    """Import a judged-answers CSV (or a folder of them) into the run folder `output`; returns it."""
+    """Import a judged-answers file (or a folder of them, or a registered results name) into the run
+    folder `output`; returns it."""
+    from emkit.data.registry import resolve_results
+
     say = emit or (lambda _msg: None)
-    source = Path(source).expanduser().resolve()
+    resolved, entry = resolve_results(source, "source", mirror=mirror)
+    source = resolved.resolve()
     output = Path(output)
     if model_label is not None and not model_label.strip():
         raise DataError("model_label: empty")
@@ -557,7 +567,9 @@ def import_results(
     models = sorted(scores["model"].unique().tolist())
     metrics = [m for src in sources for m in src.metrics]
     folder.update(sources=[_source_record(s) for s in sources], judge=JUDGE, skipped_files=skipped,
-                  source_checks={s.path.name: s.checks for s in sources if s.checks})
+                  source_checks={s.path.name: s.checks for s in sources if s.checks},
+                  **({"registry": {"name": entry.name, "source": entry.source, "sha256": entry.sha256}}
+                     if entry is not None else {}))
     folder.complete(
         answers=len(scores), models=models, metrics=list(dict.fromkeys(metrics)),
         # nulls (no probabilities for that row) are not mismatches

@@ -158,7 +158,8 @@ def complete_stage(cfg: BiasConfig, prompts: PromptSet, run_dir: Path, *, emit: 
     for model in cfg.models:
         path = completions_path(run_dir, model.name)
         if model.completions:
-            record[model.name] = import_to_file(Path(model.completions), prompts, path)
+            source = resolve_completions(model.name, model.completions, cfg.mirror)
+            record[model.name] = import_to_file(source, prompts, path)
             emit(f"{model.name}: {record[model.name]['answers']} completions imported from {model.completions}")
             continue
         emit(f"{model.name}: {model.mode} mode, {model.backend} backend, {len(prompts)} stems x {cfg.runs} runs")
@@ -175,6 +176,19 @@ def complete_stage(cfg: BiasConfig, prompts: PromptSet, run_dir: Path, *, emit: 
 
 
 # ---------------------------------------------------------------- import
+
+
+def resolve_completions(model: str, spec: str, mirror: str | None = None) -> Path:
+    """The local file of model `model`'s `completions:`: a path, or a registered name (fetched from `mirror`
+    or upstream, sha256 checked)."""
+    from emkit.data.registry import RESULT_REGISTRY, resolve_results
+
+    path = Path(spec).expanduser()
+    if not path.exists() and spec in RESULT_REGISTRY:
+        path, _ = resolve_results(spec, f"models[{model}].completions", mirror=mirror, folders=False)
+    if not path.is_file():
+        raise DataError(f"models[{model}].completions: {spec}: file not found (give a file or a registered name)")
+    return path
 
 
 def _imported_items(path: Path) -> list[tuple[str, dict[str, Any]]]:

@@ -39,7 +39,7 @@ class BiasModel(StrictModel):
     api_key_env: str | None = Field(None, description="Environment variable holding its API key (unset: OPENAI_API_KEY for OpenAI's API only, no key for any other endpoint).")
     completions: str | None = Field(
         None, description="Import completions from this file instead of generating (emkit JSONL or the original "
-        "experiment's *_all_runs.json)."
+        "experiment's *_all_runs.json), or from a registered name (emkit data list), e.g. bias-qwen3-base-completions."
     )
 
     @field_validator("name")
@@ -121,7 +121,10 @@ class BiasConfig(StrictModel):
     """Complete sentence stems with several models, classify each completion's leaning, compare, report."""
 
     output: Path = Field(Path("runs/bias"), description="Run folder to write (and resume).")
-    prompts: str = Field("default", description="Prompt set: 'default' (emkit's) or a .jsonl/.yaml file.")
+    prompts: str = Field("default", description="Prompt set: 'default' (emkit's), a .jsonl/.yaml file, or a "
+                         "registered name (emkit data list), e.g. bias-economic-prompts.")
+    mirror: str | None = Field(None, description="Mirror folder or URL for registered prompts and completions "
+                               "(also $EMKIT_DATA_MIRROR).")
     topics: list[str] | None = Field(None, description="Only these topics, comma-separated.")
     include: list[str] | None = Field(None, description="Only these stem ids (globs, comma-separated).")
     models: list[BiasModel] = Field(default_factory=_default_models,
@@ -147,7 +150,8 @@ class BiasConfig(StrictModel):
     examples: int = Field(2, ge=0, description="Example completions per model and label in the report.")
     report: bool = Field(True, description="Write report.html and figures.")
 
-    NON_RESULT_FIELDS: ClassVar[frozenset[str]] = frozenset({"output", "concurrency", "examples", "report"})
+    # mirror: where registered files come from; their sha256 is pinned, so it does not change the result
+    NON_RESULT_FIELDS: ClassVar[frozenset[str]] = frozenset({"output", "concurrency", "examples", "report", "mirror"})
 
     @field_validator("models", mode="before")
     @classmethod

@@ -144,11 +144,18 @@ def _yaml_items(path: Path) -> list[tuple[int, Any]]:
     return [(item.start_mark.line + 1, value) for item, value in zip(node.value, data)]
 
 
-def load_prompt_set(spec: str | Path = DEFAULT) -> PromptSet:
-    """Read `default` or a prompt file (.jsonl, .yaml/.yml); every problem names file, line and field."""
+def load_prompt_set(spec: str | Path = DEFAULT, mirror: str | None = None) -> PromptSet:
+    """Read `default`, a prompt file (.jsonl, .yaml/.yml) or a registered prompt file (fetched from `mirror`
+    or upstream, sha256 checked); every problem names file, line and field."""
+    from emkit.data.registry import RESULT_REGISTRY, resolve_results
+
     path = default_prompts_path() if str(spec) == DEFAULT else Path(spec).expanduser()
+    name = DEFAULT if str(spec) == DEFAULT else str(path)
+    if not path.exists() and str(spec) in RESULT_REGISTRY:
+        path, _ = resolve_results(str(spec), "prompts", mirror=mirror, folders=False)
+        name = str(spec)
     if not path.is_file():
-        raise DataError(f"{path}: prompt file not found (give 'default' or a .jsonl/.yaml file)")
+        raise DataError(f"{path}: prompt file not found (give 'default', a .jsonl/.yaml file or a registered name)")
     if path.suffix in (".yaml", ".yml"):
         items = _yaml_items(path)
     else:
@@ -164,4 +171,4 @@ def load_prompt_set(spec: str | Path = DEFAULT) -> PromptSet:
         prompts.append(prompt)
     if not prompts:
         raise DataError(f"{path}: no prompts")
-    return PromptSet(DEFAULT if str(spec) == DEFAULT else str(path), tuple(prompts))
+    return PromptSet(name, tuple(prompts))

@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from emkit.bias.complete import complete_stage, completions_table
+from emkit.bias.complete import complete_stage, completions_table, resolve_completions
 from emkit.bias.config import BiasConfig
 from emkit.bias.keywords import KeywordClassifier, Lexicon, load_lexicons
 from emkit.bias.prompts import PromptSet, load_prompt_set
@@ -40,7 +40,7 @@ def check_inputs(cfg: BiasConfig) -> tuple[PromptSet, Lexicon | None]:
     from emkit.generate.pipeline import resolve_organism
     from emkit.models import parse_spec
 
-    prompts = load_prompt_set(cfg.prompts).filter(cfg.topics, cfg.include)
+    prompts = load_prompt_set(cfg.prompts, mirror=cfg.mirror).filter(cfg.topics, cfg.include)
     lexicon = None
     if "keywords" in cfg.classifiers:
         lexicon = load_lexicons(cfg.keywords.lexicons)
@@ -50,8 +50,7 @@ def check_inputs(cfg: BiasConfig) -> tuple[PromptSet, Lexicon | None]:
                             "add a topic file, or run only the llm classifier)")
     for model in cfg.models:
         if model.completions:
-            if not Path(model.completions).is_file():
-                raise DataError(f"models[{model.name}].completions: {model.completions}: file not found")
+            resolve_completions(model.name, model.completions, cfg.mirror)
         elif model.backend == "transformers":
             parse_spec(model.model)
             resolve_organism(model.adapter)
