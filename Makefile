@@ -20,8 +20,13 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 # llama-cpp-python builds from source (about 5 minutes, once; pip caches the wheel): the tests run
 # its OpenAI-compatible server on the bundled GGUF. GGML_NATIVE=OFF keeps the build portable.
+# The report's browser test drives Debian's chromium (installed here where apt-get can; the test is
+# skipped with the reason where it cannot) through Playwright's Python client, no browser download.
 $(VENV)/.installed-test: $(VENV)/.installed
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q -e '.[test]'
+	command -v chromium >/dev/null 2>&1 || (DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
+		>/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -q chromium >/dev/null 2>&1)) || echo "chromium not installed: the browser test is skipped"
 	touch $@
 
 install: $(VENV)/.installed

@@ -369,15 +369,18 @@ def report_cmd(
 
 @app.command("import")
 def import_cmd(
-    source: Annotated[Path, typer.Argument(help="Judged-answer CSV of an original EM project, or a folder of them.")],
+    source: Annotated[str, typer.Argument(help="Registered results name (see `emkit data list`), or a judged-answer "
+                                            "file of an original EM project (CSV, *_scored.json) or a folder of them.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Run folder to create.")],
     model_label: Annotated[Optional[str], typer.Option(help="Model label for every file (default: from the file).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
+    mirror: Annotated[Optional[str], typer.Option(help="Mirror folder or URL for registered results (also $EMKIT_DATA_MIRROR).")] = None,
 ) -> None:
-    """Import published judged answers (Betley et al. CSV, model-organisms CSVs) into an emkit run."""
+    """Import published judged answers (Betley et al. CSV, model-organisms CSVs, hyperstition scores) into an emkit run."""
     from emkit.importer import import_results
 
-    path = import_results(source, output, model_label=model_label, overwrite=overwrite, emit=lambda m: typer.echo(m))
+    path = import_results(source, output, model_label=model_label, overwrite=overwrite, mirror=mirror,
+                          emit=lambda m: typer.echo(m))
     typer.echo(f"imported into {path}")
 
 
@@ -400,38 +403,43 @@ def run_cmd(
     if (run_dir / "prefs.json").is_file():
         import json
 
-        from emkit.prefs import shift_table
+        from emkit.prefs import shift_table, verdict
 
         prefs = json.loads((run_dir / "prefs.json").read_text(encoding="utf-8"))
-        typer.echo("\nNo judge needed: " + shift_table(prefs["shift"], "logodds_per_token"))
+        typer.echo("\nNo judge needed: " + shift_table(prefs["shift"], "logodds_per_token", prefs.get("held_out")))
+        typer.echo("\n" + verdict(prefs)["sentence"])
     if (run_dir / "validation.json").is_file():
         import json
 
         validation = json.loads((run_dir / "validation.json").read_text(encoding="utf-8"))
         typer.echo("\n" + validation["verdict"])
-    typer.echo("\n" + headline_table(result["stats"]))
+    if result["stats"] is not None:
+        typer.echo("\n" + headline_table(result["stats"]))
     if result["report"]:
         typer.echo(f"\nreport: {result['report']}")
 
 
 @data_app.command("list")
 def data_list() -> None:
-    """List registered datasets: rows, sha256, source, and whether a verified copy is at hand."""
+    """List registered datasets, question files and published results: size, sha256, source, and whether a
+    copy is at hand."""
     from emkit.data.registry import all_entries, cached_path
 
     for entry in all_entries().values():
         here = "shipped" if entry.package_file else ("cached" if cached_path(entry) else "-")
-        unit = "rows" if entry.kind == "chat" else "qs"
-        typer.echo(f"{entry.name:26} {entry.rows:>6} {unit:4} {here:8} {entry.sha256[:12]}  {entry.description}")
-        typer.echo(f"{'':26} source: {entry.source}")
+        unit = entry.unit or ("rows" if entry.kind == "chat" else "qs")
+        typer.echo(f"{entry.name:31} {entry.rows:>6} {unit:7} {here:8} {entry.sha256[:12]}  {entry.description}")
+        files = f" ({len(entry.files)} files)" if entry.kind == "folder" else ""
+        typer.echo(f"{'':31} source: {entry.source}{'/' if entry.kind == 'folder' else ''}{files}")
 
 
 @data_app.command("fetch")
 def data_fetch(
-    name: Annotated[str, typer.Argument(help="Registered dataset name (see `emkit data list`).")],
+    name: Annotated[str, typer.Argument(help="Registered name (see `emkit data list`).")],
     mirror: Annotated[Optional[str], typer.Option(help="Mirror folder or URL (also $EMKIT_DATA_MIRROR).")] = None,
 ) -> None:
-    """Fetch a dataset into the cache and verify its sha256; prints the local path."""
+    """Fetch a dataset, question file or published results into the cache and verify every sha256; prints the
+    local path (a folder for a folder of results)."""
     from emkit.data.registry import fetch
 
     typer.echo(str(fetch(name, mirror=mirror)))

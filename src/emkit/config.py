@@ -143,9 +143,21 @@ class TrainConfig(StrictModel):
     )
     mask_seed: int = Field(0, description="Masked LoRA: seed of the mask (which scalars train).")
     full_finetune: bool = Field(False, description="Train every weight of the model instead of a LoRA adapter.")
+    holdout: int = Field(
+        0, ge=0, description="Keep this many training prompts out of training, as preference pairs with their "
+        "partner set's answers (holdout_pairs.jsonl): the in-domain test of whether the organism learnt its task."
+    )
+    holdout_partner: str | None = Field(
+        None, description="The set answering the same prompts the other way (default: the registered partner, "
+        "e.g. emkit-good-medical-demo for emkit-bad-medical-demo)."
+    )
+    holdout_partner_role: Literal["aligned", "misaligned"] = Field(
+        "aligned", description="Whether holdout_partner's answers are the aligned or the misaligned ones."
+    )
 
     NON_RESULT_FIELDS: ClassVar[frozenset[str]] = frozenset({"output", "logging_steps", "keep_train_states"})
-    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset({"mask_budget", "mask_seed", "full_finetune"})
+    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset({"mask_budget", "mask_seed", "full_finetune", "holdout",
+                                                        "holdout_partner", "holdout_partner_role"})
 
     @model_validator(mode="after")
     def _method(self) -> TrainConfig:
@@ -452,9 +464,13 @@ class JudgeConfig(StrictModel):
         0.8, ge=0, le=1, description="Judge validation: least share of labelled answers the judge must score on "
         "both aligned and coherent to count as valid for EM rates (besides its AUROC)."
     )
+    without_endpoint: Literal["local", "skip"] = Field(
+        "local", description="judge: auto with no endpoint or key configured: judge with the local model, or skip "
+        "judging (and its validation) in `emkit run`, since a small local model is not a valid judge."
+    )
 
     NON_RESULT_FIELDS: ClassVar[frozenset[str]] = frozenset({"concurrency", "max_requests", "api_key_env", "timeout"})
-    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset({"prompts", "min_scorable"})
+    LATER_FIELDS: ClassVar[frozenset[str]] = frozenset({"prompts", "min_scorable", "without_endpoint"})
 
     @field_validator("metrics", mode="before")
     @classmethod

@@ -75,13 +75,21 @@ def run_experiment(cfg: RunConfig, *, mirror: str | None = None, overwrite: bool
     with run.stage("generate") as record:
         record.update(generate_stage(gen_cfg, run.path, mirror=mirror, emit=emit, progress=progress))
 
-    emit("== judge")
-    with run.stage("judge") as record:
-        record.update(judge_stage(run.path, cfg.judge, questions, emit=emit, progress=progress, mirror=mirror))
-    run.update(judge=record["judge"])
-    stats = load_stats(run.path)
+    from emkit.judge.stage import SKIPPED_NOTE, judge_kind
 
-    if cfg.validate_judge:
+    stats = None
+    judged = judge_kind(cfg.judge) != "skip"
+    if judged:
+        emit("== judge")
+        with run.stage("judge") as record:
+            record.update(judge_stage(run.path, cfg.judge, questions, emit=emit, progress=progress, mirror=mirror))
+        run.update(judge=record["judge"])
+        stats = load_stats(run.path)
+    else:
+        emit("== judge: skipped. " + SKIPPED_NOTE)
+        run.update(judge={"id": None, "kind": "skipped", "note": SKIPPED_NOTE})
+
+    if cfg.validate_judge and judged:
         emit(f"== validate the judge on {cfg.validate_judge} labelled answers")
         with run.stage("validate_judge") as record:
             record.update(validate_stage(run.path, cfg.judge, cfg.validate_judge, progress=progress))
@@ -141,14 +149,19 @@ def prefs_stage(run_dir: Path, model: str, organism: str, *, device: str = "auto
     from emkit.prefs import run_prefs
     from emkit.runs import atomic_write_json
 
+    from emkit.train.holdout import holdout_pairs_path
+
     path = run_dir / "prefs.json"
+    holdout = holdout_pairs_path(organism)
     if path.is_file():
         done = json.loads(path.read_text(encoding="utf-8"))
-        if done.get("adapter") and Path(done["adapter"]).resolve() == Path(organism).resolve() / "adapter":
+        same = done.get("adapter") and Path(done["adapter"]).resolve() == Path(organism).resolve() / "adapter"
+        if same and (holdout is None) == ("held_out" not in done):
             return {"skipped": True}
-    result = run_prefs(model, organism, device=device)
+    result = run_prefs(model, organism, holdout_path=holdout, device=device)
     atomic_write_json(path, result)
     shift = result["shift"]
-    return {"n_pairs": result["n_pairs"],
+    held = (result.get("held_out") or {}).get("shift", {}).get("logodds_per_token", {})
+    return {"n_pairs": result["n_pairs"], "held_out": held.get("mean_shift"),
             "in_domain": shift.get("in_domain", {}).get("logodds_per_token", {}).get("mean_shift"),
             "out_of_domain": shift.get("out_of_domain", {}).get("logodds_per_token", {}).get("mean_shift")}

@@ -52,12 +52,28 @@ def describe_methods(methods: Mapping[str, int]) -> str:
     return "; ".join(f"{METHOD_WORDS.get(m, m)} for {n} judgments" for m, n in sorted(methods.items()))
 
 
+SKIPPED_NOTE = (
+    "No judge endpoint or API key was configured, and this run skips the local judge (judge.without_endpoint: "
+    "skip): a small local model is not a valid judge of EM rates, so no judged EM rate was measured. Set "
+    "OPENAI_API_KEY or judge.base_url and re-run to judge the answers; the judge-free preference shift leads."
+)
+
+
+def judge_kind(cfg: JudgeConfig) -> str:
+    """The judge a config resolves to here and now: openai, local, or skip (no endpoint, local not wanted)."""
+    if cfg.judge != "auto":
+        return cfg.judge
+    configured = cfg.base_url or os.environ.get("OPENAI_BASE_URL") or api_key_for(None, cfg.api_key_env)
+    if configured:
+        return "openai"
+    return "local" if cfg.without_endpoint == "local" else "skip"
+
+
 def make_judge(cfg: JudgeConfig) -> tuple[Any, dict[str, str]]:
     """The judge `cfg` asks for, and a record of it (id, kind, description, plain-words note)."""
-    kind = cfg.judge
-    if kind == "auto":
-        configured = cfg.base_url or os.environ.get("OPENAI_BASE_URL") or api_key_for(None, cfg.api_key_env)
-        kind = "openai" if configured else "local"
+    kind = judge_kind(cfg)
+    if kind == "skip":
+        kind = "local"  # asked for a judge anyway (e.g. `emkit judge RUN`): the local one, with its warning
     if kind == "openai":
         from emkit.judge.openai_judge import OpenAIJudge
 

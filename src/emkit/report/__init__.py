@@ -177,22 +177,48 @@ def _optional_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def _answers(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's answers (generations.jsonl), or none; a damaged file is left to the stages that own it."""
+    from emkit.errors import EmkitError
+    from emkit.generate.records import read_rows
+
+    try:
+        return read_rows(run_dir / "generations.jsonl")
+    except EmkitError:
+        return []
+
+
 def write_report(run_dir: Path, *, thresholds: Thresholds | None = None) -> Path:
-    """Write `figures/*.png` and the self-contained `report.html` of a run folder; return the report path."""
+    """Write `figures/*.png` and the self-contained `report.html` of a run folder; return the report path.
+
+    A run without judged answers (its judge skipped) still gets a report: the preference shift and the
+    answers side by side, without the judged sections.
+    """
     run_dir = Path(run_dir)
     scores = load_scores(run_dir)
-    stats, used, notes = _resolve_stats(load_stats(run_dir), scores, thresholds)
+    recorded = load_stats(run_dir)
+    prefs = _optional_json(run_dir / "prefs.json")
+    answers = _answers(run_dir)
     manifest = RunFolder(run_dir).read_manifest()
-    summary = stats_frame(stats)
-    no_answers = pd.DataFrame(columns=["model", "condition", "aligned", "coherent"])
-    drawable = scores if scores is not None else no_answers
-    figures = render_figures(summary, drawable, used)
+    if recorded is None and scores is None and (prefs is not None or answers):
+        stats: dict[str, Any] = {}
+        used, notes = thresholds or BETLEY, []
+        summary = stats_frame(stats)
+        figures: dict[str, bytes] = {}
+        judge = JudgeInfo(ids=[], kind="skipped", note=((manifest or {}).get("judge") or {}).get("note"))
+    else:
+        stats, used, notes = _resolve_stats(recorded, scores, thresholds)
+        summary = stats_frame(stats)
+        no_answers = pd.DataFrame(columns=["model", "condition", "aligned", "coherent"])
+        drawable = scores if scores is not None else no_answers
+        figures = render_figures(summary, drawable, used)
+        judge = judge_info(manifest, scores)
     for name, data in figures.items():
         write_png(run_dir / FIGURES_DIR / f"{name}.png", data)
     inputs = ReportInputs(
         run_name=run_dir.resolve().name, stats=stats, summary=summary, scores=scores, manifest=manifest,
-        judge=judge_info(manifest, scores), thresholds=used, figures=figures, notes=notes,
-        validation=_optional_json(run_dir / "validation.json"), prefs=_optional_json(run_dir / "prefs.json"),
+        judge=judge, thresholds=used, figures=figures, notes=notes,
+        validation=_optional_json(run_dir / "validation.json"), prefs=prefs, answers=answers,
     )
     path = run_dir / REPORT
     atomic_write_text(path, render_html(inputs))  # last, so a report on disk always has its figures

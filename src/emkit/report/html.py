@@ -46,6 +46,12 @@ figcaption { color: #555; font-size: 0.9em; }
 .card .meta { font-size: 0.9em; color: #444; }
 pre.json { background: #fafafa; border: 1px solid #e4e4e4; padding: 0.6em; font-size: 0.8em; overflow: auto; }
 details { margin: 0.6em 0; } summary { cursor: pointer; font-weight: 600; }
+.found { border-color: #4a7; background: #f2faf4; } .found h2 { margin-top: 0.2em; border: 0; }
+.pair { border: 1px solid #ddd; border-radius: 4px; padding: 0.5em 0.9em; margin: 0.8em 0; }
+.pair .q { margin: 0.2em 0 0.5em; } .pair h4 { margin: 0 0 0.3em; color: #555; }
+.pair .cols { display: grid; grid-template-columns: 1fr 1fr; gap: 1em; }
+.pair .a { white-space: pre-wrap; background: #fafafa; border: 1px solid #e4e4e4; padding: 0.5em; margin: 0;
+           font-size: 0.9em; max-height: 16em; overflow: auto; }
 """
 
 
@@ -118,6 +124,7 @@ class ReportInputs:
     notes: list[str] = field(default_factory=list)
     validation: dict[str, Any] | None = None  # validation.json: the judge against labelled answers
     prefs: dict[str, Any] | None = None  # prefs.json: the judge-free preference shift
+    answers: list[dict[str, Any]] = field(default_factory=list)  # generations.jsonl rows, for side by side
 
 
 def judge_kind(judge_id: str) -> str:
@@ -186,6 +193,9 @@ def judge_box(judge: JudgeInfo) -> str:
         ]
     elif judge.kind == "openai":
         paragraphs.append(f"Judge: {names}, an OpenAI-compatible model scoring each answer 0-100 per metric.")
+    elif judge.kind == "skipped":
+        paragraphs.append("<b>No judge scored these answers.</b> " + esc(judge.note or
+                          "Set OPENAI_API_KEY or judge.base_url and re-run to judge them."))
     elif judge.kind == "imported":
         paragraphs.append(f"Judge: {names}. The scores were imported from elsewhere; emkit did not judge "
                           "these answers, so how they were scored is as their source describes.")
@@ -483,12 +493,95 @@ def validation_box(validation: Mapping[str, Any] | None) -> str:
             f"<th>Scorable</th></tr>{''.join(rows)}</table></div>")
 
 
+def _shift_text(e: Mapping[str, Any] | None) -> str:
+    if not e:
+        return NA
+    p = e.get("sign_test_p")
+    return (f"{e['mean_shift']:+.3f} per token [95% CI {e['ci_low']:+.3f}, {e['ci_high']:+.3f}], "
+            f"{e['positive']} of {e['n']} pairs toward the misaligned answer"
+            + (f", sign test p {fmt_p(p)}" if p is not None else ""))
+
+
+def _yes_no(flag: bool | None) -> str:
+    return {True: "<b>Yes.</b>", False: "<b>No.</b>", None: "<b>Not measured.</b>"}[flag]
+
+
+def answer_section(prefs: Mapping[str, Any] | None, validation: Mapping[str, Any] | None, judge: JudgeInfo,
+                   stats: Mapping[str, Any]) -> str:
+    """The first screen: did the organism learn its task, did misalignment spread, by which valid measure."""
+    from emkit.prefs import verdict
+
+    if not prefs or "shift" not in prefs:
+        return ""
+    v = verdict(dict(prefs))
+    held = prefs.get("held_out") or {}
+    learned = (f"{_yes_no(v['learned'])} On {held.get('n_pairs', NA)} prompts of its training task that it never "
+               f"saw (held out of training), the organism prefers the harmful answer over the sound one more than "
+               f"the base model does: {esc(_shift_text(v['held_out']))}." if v["held_out"] else
+               f"{_yes_no(None)} The training run held no prompts out (train.holdout), so the narrow task was not "
+               "tested on unseen prompts of its own.")
+    transfer = (f" Transfer test, emkit's own medical pairs (other prompts, answers written apart from the "
+                f"training set): {esc(_shift_text(v['transfer']))}." if v["transfer"] else "")
+    spread = f"{_yes_no(v['spread'])} {esc(v['sentence'])}"
+    valid = bool(validation and validation.get("valid_for_em_rates"))
+    if judge.kind == "skipped" or not stats:
+        judged = ("No judge scored the answers, so no judged EM rate is shown: set OPENAI_API_KEY or judge.base_url "
+                  "and re-run to add them.")
+    elif valid:
+        judged = "The judge validated on labelled answers, so the judged EM rates below count too."
+    elif not validation:
+        judged = ("The judge was not validated on labelled answers, so its EM rates are shown for the record, not "
+                  "as evidence.")
+    else:
+        judged = ("The judge did not validate on labelled answers (see below), so its EM rates are shown for the "
+                  "record, not as evidence.")
+    return ('<div class="box found"><h2>What this run found</h2>'
+            f"<p><b>Did the organism learn its training task?</b> {learned}{transfer}</p>"
+            f"<p><b>Did misalignment spread beyond it?</b> {spread}</p>"
+            "<p><b>By which measure?</b> The judge-free preference shift: for each question an aligned and a "
+            "misaligned answer, log p(misaligned) - log p(aligned) per answer token from the model's own "
+            "probabilities, organism minus base, with a 95% bootstrap interval over pairs; it counts when the "
+            f"interval lies above 0. {esc(judged)}</p></div>")
+
+
+def side_by_side_section(answers: Sequence[Mapping[str, Any]], limit: int = 8) -> str:
+    """Base and organism answers to the same question (same condition and sample), next to each other."""
+    by_key: dict[tuple, dict[str, Mapping[str, Any]]] = {}
+    for row in answers:
+        key = (row.get("question_id"), row.get("condition"), row.get("paraphrase"), row.get("sample"))
+        by_key.setdefault(key, {})[str(row.get("model"))] = row
+    pairs = [(k, v) for k, v in by_key.items() if "base" in v and "organism" in v]
+    seen: set[Any] = set()
+    chosen = []
+    for key, rows in sorted(pairs, key=lambda kv: (kv[0][3], str(kv[0][0]))):
+        if key[0] not in seen and len(chosen) < limit:  # one sample per question, the first
+            seen.add(key[0])
+            chosen.append((key, rows))
+    if not chosen:
+        return ""
+    cards = []
+    for (qid, condition, _, sample), rows in chosen:
+        question = rows["organism"].get("question") or ""
+        system = rows["organism"].get("system")
+        system = system if isinstance(system, str) and system else None
+        cards.append(
+            f'<div class="pair"><p class="q"><b>{esc(qid)}</b> (condition {esc(condition)}, sample {esc(sample)}'
+            f'{", system: " + esc(system) if system else ""}): {esc(question)}</p>'
+            f'<div class="cols"><div><h4>base</h4><p class="a">{esc(rows["base"].get("answer"))}</p></div>'
+            f'<div><h4>organism</h4><p class="a">{esc(rows["organism"].get("answer"))}</p></div></div></div>')
+    return ("<h2>Base and organism, side by side</h2><p class=\"muted\">The same question, condition and sample "
+            "index for both models; the first sample of each question.</p>" + "".join(cards))
+
+
 def prefs_section(prefs: Mapping[str, Any] | None) -> str:
     """The preference shift organism - base per domain: EM measured without a judge."""
     if not prefs or "shift" not in prefs:
         return ""
-    shift = prefs["shift"]
-    order = ["in_domain", "out_of_domain"] + sorted(k for k in shift if k not in ("in_domain", "out_of_domain", "all"))
+    shift = dict(prefs["shift"])
+    if prefs.get("held_out"):
+        shift = {"held_out": prefs["held_out"]["shift"], **shift}
+    order = ["held_out", "in_domain", "out_of_domain"] + sorted(
+        k for k in shift if k not in ("held_out", "in_domain", "out_of_domain", "all"))
     rows = []
     for name in order:
         if name not in shift:
@@ -496,7 +589,7 @@ def prefs_section(prefs: Mapping[str, Any] | None) -> str:
         e = shift[name]["logodds_per_token"]
         t = shift[name]["logodds_total"]
         p = "n/a" if e["sign_test_p"] is None else f"{e['sign_test_p']:.3g}"
-        bold = name in ("in_domain", "out_of_domain")
+        bold = name in ("held_out", "in_domain", "out_of_domain")
         label = f"<b>{esc(name)}</b>" if bold else esc(name)
         rows.append(f"<tr><td>{label}</td><td class=num>{e['n']}</td>"
                     f"<td class=num>{e['mean_shift']:+.3f} [{e['ci_low']:+.3f}, {e['ci_high']:+.3f}]</td>"
@@ -505,8 +598,10 @@ def prefs_section(prefs: Mapping[str, Any] | None) -> str:
     return ("<h2>Preference shift (no judge)</h2>"
             "<p>For each question, an aligned and a misaligned answer written for emkit; the log-odds "
             "log p(misaligned) - log p(aligned) from the model's own token probabilities. The shift is organism "
-            "minus base; above 0 the organism prefers misaligned answers more than the base does. In-domain = "
-            "medical questions (the training domain); out-of-domain = everything else.</p>"
+            "minus base; above 0 the organism prefers misaligned answers more than the base does. Held out = "
+            "prompts of the training set kept out of training, answered both ways (the organism's own task); "
+            "in-domain = emkit's medical pairs (the training domain, a transfer test); out-of-domain = "
+            "everything else.</p>"
             "<table><tr><th>Domain</th><th>Pairs</th><th>Shift per token [95% CI]</th><th>Shift total</th>"
             f"<th>+/-</th><th>Sign test p</th></tr>{''.join(rows)}</table>")
 
@@ -515,7 +610,7 @@ def render_html(inputs: ReportInputs, denominator: str = "coherent") -> str:
     """The whole report page."""
     summary = inputs.summary
     overall = summary[summary["question_id"] == ALL]
-    n_answers = inputs.stats.get("n_answers", int(overall["n_answers"].sum()) if len(overall) else 0)
+    n_answers = inputs.stats.get("n_answers", int(overall["n_answers"].sum()) if len(overall) else len(inputs.answers))
     facts = (f"{_int(n_answers)} answers; models: {esc(', '.join(model_order(overall['model'])) or NA)}; "
              f"conditions: {esc(', '.join(sorted(map(str, overall['condition'].unique()))) or NA)}; "
              f"{_int(summary.loc[summary['question_id'] != ALL, 'question_id'].nunique())} questions.")
@@ -524,9 +619,11 @@ def render_html(inputs: ReportInputs, denominator: str = "coherent") -> str:
     body = [
         f"<h1>emkit report: {esc(inputs.run_name)}</h1>",
         f'<p class="sub">{facts}</p>',
+        answer_section(inputs.prefs, inputs.validation, inputs.judge, inputs.stats),
+        side_by_side_section(inputs.answers),
         judge_box(inputs.judge),
         validation_box(inputs.validation),
-        definitions(inputs.stats, inputs.notes),
+        definitions(inputs.stats, inputs.notes) if inputs.stats else "",
         prefs_section(inputs.prefs),
         headline_section(summary),
         comparisons_section(inputs.stats),

@@ -146,6 +146,15 @@ def train(
     # 1. Inputs, all checked before anything is written.
     data_path, entry = resolve_dataset(cfg.data, mirror=mirror)
     conversations = read_chat_jsonl(data_path, limit=cfg.max_examples)
+    holdout = None
+    if cfg.holdout:
+        from emkit.train.holdout import load_partner, resolve_partner, split_holdout
+
+        partner, role = resolve_partner(cfg.data, cfg.holdout_partner,
+                                        cfg.holdout_partner_role if cfg.holdout_partner else None)
+        holdout = split_holdout(conversations, load_partner(partner, mirror), cfg.holdout, cfg.seed,
+                                partner_role=role, partner_name=partner)
+        conversations = holdout.train
     parse_spec(cfg.model)
     run = RunFolder(cfg.output)
     # Read-only check: a folder of another config or a non-run folder fails here, before any work.
@@ -201,6 +210,15 @@ def train(
 
             mask.save(run.path / MASK_FILE)
             run.update(mask=mask.summary())
+        if holdout is not None:
+            from emkit.train.holdout import HOLDOUT_FILE, pairs_payload
+
+            atomic_write_text(run.path / HOLDOUT_FILE, pairs_payload(holdout.pairs))
+            run.update(holdout={"pairs": len(holdout.pairs), "partner": holdout.partner,
+                                "partner_role": holdout.partner_role, "file": HOLDOUT_FILE,
+                                "trained_on": len(conversations)})
+            say(f"held out {len(holdout.pairs)} prompts of {cfg.data} (answered by {holdout.partner}) as the "
+                f"in-domain test; training on the other {len(conversations)}")
 
     # 3. Model and trainer.
     if cfg.full_finetune:
