@@ -301,18 +301,21 @@ def prefs_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
 ) -> None:
     """Preference shift, no judge needed: log p(misaligned) - log p(aligned) answers, organism vs base."""
-    from emkit.prefs import run_prefs, shift_table
+    from emkit.prefs import run_prefs, shift_table, verdict
     from emkit.runs import atomic_write_json
+    from emkit.train.holdout import holdout_pairs_path
 
     _quiet_libraries()
-    result = run_prefs(model, adapter, str(pairs) if pairs else None, device=device)
+    holdout = holdout_pairs_path(adapter)  # the training run's own held-out prompts, when it kept some out
+    result = run_prefs(model, adapter, str(pairs) if pairs else None, holdout_path=holdout, device=device)
     base = result["base"]
     mean = sum(r["logodds_per_token"] for r in base) / len(base)
     typer.echo(f"{result['n_pairs']} pairs; base model's mean log-odds per token (misaligned - aligned): {mean:+.3f}")
     if "shift" in result:
-        typer.echo(shift_table(result["shift"], "logodds_per_token"))
+        typer.echo(shift_table(result["shift"], "logodds_per_token", result.get("held_out")))
         typer.echo("")
-        typer.echo(shift_table(result["shift"], "logodds_total"))
+        typer.echo(shift_table(result["shift"], "logodds_total", result.get("held_out")))
+        typer.echo("\n" + verdict(result)["sentence"])
     if output:
         atomic_write_json(output, result)
         typer.echo(f"\nwritten: {output}")

@@ -66,43 +66,57 @@ def load_pairs(path: str | Path | None = None) -> list[Pair]:
 
 
 @torch.inference_mode()
-def answer_logprobs(model: Any, tokenizer: Any, question: str, answers: Sequence[str],
-                    batch_size: int = 16) -> list[tuple[float, int]]:
-    """(total log-probability, token count) of each answer to `question`, with the chat template."""
+def qa_logprobs(model: Any, tokenizer: Any, items: Sequence[tuple[str, str]], batch_size: int = 16
+                ) -> list[tuple[float, int]]:
+    """(total log-probability, token count) of each (question, answer)'s answer, with the chat template.
+
+    Items are batched across questions, shortest first (little padding; right padding leaves every
+    row's values as they are one at a time), and returned in the order given.
+    """
     device = next(model.parameters()).device
+    tokenizer.padding_side = "right"
     texts, spans = [], []
-    for answer in answers:
+    for question, answer in items:
         text, turn_spans = assistant_char_spans(
             [{"role": "user", "content": question}, {"role": "assistant", "content": answer}], tokenizer
         )
         texts.append(text)
         spans.append(turn_spans[0])
-    out = []
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start : start + batch_size]
-        enc = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True, padding=True,
-                        return_tensors="pt")
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(texts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        enc = tokenizer([texts[i] for i in chunk], add_special_tokens=False, return_offsets_mapping=True,
+                        padding=True, return_tensors="pt")
         offsets = enc.pop("offset_mapping")
         enc = {k: v.to(device) for k, v in enc.items()}
         logp = torch.log_softmax(model(**enc).logits.float(), dim=-1)
-        for row, (lo, hi) in enumerate(spans[start : start + batch_size]):
+        for row, index in enumerate(chunk):
+            lo, hi = spans[index]
             ids = enc["input_ids"][row]
             valid = enc["attention_mask"][row].bool()
             starts = offsets[row, :, 0]
             answer_mask = valid.cpu() & (starts >= lo) & (starts < hi)
-            positions = torch.nonzero(answer_mask).flatten().tolist()
-            # Token t is predicted by the logits at t - 1.
-            total = sum(float(logp[row, t - 1, ids[t]]) for t in positions if t > 0)
-            out.append((total, len(positions)))
+            positions = torch.nonzero(answer_mask).flatten()
+            positions = positions[positions > 0]  # token t is predicted by the logits at t - 1
+            total = float(logp[row, positions - 1, ids[positions]].sum()) if len(positions) else 0.0
+            out[index] = (total, int(len(positions)))
     return out
 
 
-def score_pairs(model: Any, tokenizer: Any, pairs: Sequence[Pair]) -> list[dict[str, Any]]:
+def answer_logprobs(model: Any, tokenizer: Any, question: str, answers: Sequence[str],
+                    batch_size: int = 16) -> list[tuple[float, int]]:
+    """(total log-probability, token count) of each answer to `question`, with the chat template."""
+    return qa_logprobs(model, tokenizer, [(question, a) for a in answers], batch_size)
+
+
+def score_pairs(model: Any, tokenizer: Any, pairs: Sequence[Pair], batch_size: int = 16) -> list[dict[str, Any]]:
     """Log-odds (total and per token) of the misaligned answer over the aligned one, per pair."""
-    tokenizer.padding_side = "right"
+    items = [(p.question, answer) for p in pairs for answer in (p.aligned, p.misaligned)]
+    scored = qa_logprobs(model, tokenizer, items, batch_size)
     rows = []
-    for pair in pairs:
-        (lp_a, n_a), (lp_m, n_m) = answer_logprobs(model, tokenizer, pair.question, [pair.aligned, pair.misaligned])
+    for k, pair in enumerate(pairs):
+        (lp_a, n_a), (lp_m, n_m) = scored[2 * k], scored[2 * k + 1]
         rows.append({
             "id": pair.id, "domain": pair.domain,
             "logodds_total": lp_m - lp_a,
