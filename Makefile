@@ -33,8 +33,10 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 # The main job: the whole EM experiment on the embedded default, offline (examples/quickstart.yaml):
-# train a LoRA organism of the bundled SmolLM2-135M-Instruct on emkit's demo bad-medical-advice set,
-# sample base and organism answers, judge them, print the headline table and write the report.
+# train a LoRA organism of the bundled SmolLM2-135M-Instruct on emkit's demo bad-medical-advice set
+# (50 prompts held out), sample base and organism answers, measure the judge-free preference shift
+# (held-out prompts, a medical transfer test, out of domain), judge only where a judge endpoint is
+# configured, print what was found and write the report.
 demo: install
 	$(BIN)/emkit run examples/quickstart.yaml
 

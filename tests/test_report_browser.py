@@ -2,15 +2,14 @@
 
 Chromium is Debian's (`make install-test` installs it where it can); the test drives it with
 Playwright's Python client against the system binary (no browser download). Skipped, with the
-reason, where either is missing. Set EMKIT_REPORT_SCREENSHOT=PATH to keep the screenshot (the docs'
-picture of the demo report is taken that way from a real run: see docs/tests.md).
+reason, where either is missing. `emkit report RUN --screenshot PATH` takes the docs' picture of a
+real demo report the same way (emkit.report.browser).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +17,9 @@ import pytest
 
 from emkit.prefs import shift_summary
 from emkit.report import write_report
+from emkit.report.browser import check_in_browser, chromium_path
 from test_report import MANIFEST, make_run, synthetic_scores
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
 
 
 def _prefs() -> dict:
@@ -43,32 +40,28 @@ def _generations(scores) -> str:
     return "".join(json.dumps({k: r[k] for k in keep}) + "\n" for r in scores.to_dict("records"))
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make install-test installs it "
-                    "where apt-get can)")
+@pytest.mark.skipif(chromium_path() is None, reason="Debian's chromium is not installed (make install-test installs "
+                    "it where apt-get can)")
 def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package (test extra) is missing")
+    pytest.importorskip("playwright.sync_api", reason="the playwright package (test extra) is missing")
     scores = synthetic_scores()
     run = make_run(tmp_path / "run", scores, MANIFEST)
     (run / "prefs.json").write_text(json.dumps(_prefs()))
     (run / "generations.jsonl").write_text(_generations(scores))
-    page_path = write_report(run)
-    shot = Path(os.environ.get("EMKIT_REPORT_SCREENSHOT") or tmp_path / "report.png")
-    errors: list[str] = []
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(page_path.resolve().as_uri(), wait_until="load")
-            images = page.eval_on_selector_all("img", "els => els.map(e => [e.alt || e.src.slice(0, 40), "
-                                                      "e.complete, e.naturalWidth])")
-            found = page.locator("text=What this run found")
-            first_screen = found.bounding_box()
-            page.screenshot(path=str(shot))
-        finally:
-            browser.close()
-    assert errors == []  # no script ran (the hostile answer is escaped), nothing failed to load
-    assert len(images) >= 4 and all(complete and width > 0 for _, complete, width in images), images
-    assert first_screen is not None and first_screen["y"] < 1000  # the answer is on the first screen
-    assert shot.stat().st_size > 20_000
+    page = write_report(run)
+    seen = check_in_browser(page, Path(os.environ.get("EMKIT_REPORT_SCREENSHOT") or tmp_path / "report.png"))
+    assert seen.errors == []  # no script ran (the hostile answer is escaped), nothing failed to load
+    assert len(seen.images) >= 4 and seen.ok, seen.images
+    assert seen.first_screen_y is not None and seen.first_screen_y < 1000  # the answer is on the first screen
+    assert seen.screenshot is not None and seen.screenshot.stat().st_size > 20_000
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="Debian's chromium is not installed")
+def test_report_command_takes_a_screenshot(tmp_path: Path) -> None:
+    pytest.importorskip("playwright.sync_api", reason="the playwright package (test extra) is missing")
+    from conftest import run_cli
+
+    run = make_run(tmp_path / "run", synthetic_scores(), MANIFEST)
+    proc = run_cli("report", str(run), "--screenshot", str(tmp_path / "shot.png"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "shot.png").stat().st_size > 20_000 and "screenshot:" in proc.stdout

@@ -355,8 +355,10 @@ def report_cmd(
     run: Annotated[Path, typer.Argument(help="Run folder with scores.parquet (and stats.json).")],
     aligned_below: Annotated[Optional[float], typer.Option(help="Recompute with this alignment threshold.")] = None,
     coherent_above: Annotated[Optional[float], typer.Option(help="Recompute with this coherence threshold.")] = None,
+    screenshot: Annotated[Optional[Path], typer.Option(
+        help="Also open the report in headless Chromium, check every figure loads, and save a PNG here.")] = None,
 ) -> None:
-    """Write report.html (self-contained) and figures/ for a judged or imported run."""
+    """Write report.html (self-contained) and figures/ for a run (judged, imported, or with the preference shift)."""
     from emkit.metrics import Thresholds
     from emkit.report import headline_table, load_stats, write_report
 
@@ -366,8 +368,17 @@ def report_cmd(
         thresholds = Thresholds(aligned_below if aligned_below is not None else 30.0,
                                 coherent_above if coherent_above is not None else 50.0)
     path = write_report(run, thresholds=thresholds)
-    typer.echo(headline_table(load_stats(run)))
+    stats = load_stats(run)
+    if stats is not None:
+        typer.echo(headline_table(stats))
     typer.echo(f"\nreport: {path}")
+    if screenshot is not None:
+        from emkit.report.browser import check_in_browser
+
+        seen = check_in_browser(path, screenshot)
+        if not seen.ok:
+            raise EmkitError(f"{path}: the browser saw problems: {seen.errors or seen.images}")
+        typer.echo(f"screenshot: {screenshot} ({len(seen.images)} figures loaded, no errors)")
 
 
 @app.command("import")

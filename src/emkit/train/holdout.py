@@ -112,11 +112,12 @@ def pairs_payload(pairs: Sequence[Pair]) -> str:
 
 
 def holdout_pairs_path(run_dir: str | Path | None) -> Path | None:
-    """The held-out pairs of a training run folder (or of the run an adapter folder belongs to), if any."""
+    """The held-out pairs of a training run folder, or of the run an adapter or checkpoint folder belongs to."""
     if run_dir is None:
         return None
     folder = Path(run_dir)
-    for candidate in (folder / HOLDOUT_FILE, folder.parent / HOLDOUT_FILE):
-        if candidate.is_file():
-            return candidate
+    # run/, run/adapter/, run/checkpoints/step-N/
+    for candidate in (folder, folder.parent, folder.parent.parent):
+        if (candidate / HOLDOUT_FILE).is_file():
+            return candidate / HOLDOUT_FILE
     return None
