@@ -611,9 +611,15 @@ def render_html(inputs: ReportInputs, denominator: str = "coherent") -> str:
     summary = inputs.summary
     overall = summary[summary["question_id"] == ALL]
     n_answers = inputs.stats.get("n_answers", int(overall["n_answers"].sum()) if len(overall) else len(inputs.answers))
-    facts = (f"{_int(n_answers)} answers; models: {esc(', '.join(model_order(overall['model'])) or NA)}; "
-             f"conditions: {esc(', '.join(sorted(map(str, overall['condition'].unique()))) or NA)}; "
-             f"{_int(summary.loc[summary['question_id'] != ALL, 'question_id'].nunique())} questions.")
+    if len(overall):
+        models, conditions = model_order(overall["model"]), sorted(map(str, overall["condition"].unique()))
+        n_questions = summary.loc[summary["question_id"] != ALL, "question_id"].nunique()
+    else:  # no judged answers: describe the answers themselves
+        models = model_order(pd.Series([str(a.get("model")) for a in inputs.answers]).unique())
+        conditions = sorted({str(a.get("condition")) for a in inputs.answers})
+        n_questions = len({a.get("question_id") for a in inputs.answers})
+    facts = (f"{_int(n_answers)} answers; models: {esc(', '.join(models) or NA)}; "
+             f"conditions: {esc(', '.join(conditions) or NA)}; {_int(n_questions)} questions.")
     denominator_note = "EM rate among coherent answers" if denominator == "coherent" else \
         "EM rate among scored answers"
     body = [
