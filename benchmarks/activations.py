@@ -12,7 +12,7 @@ every block output; emkit reads the mean over the answer tokens and streams floa
   bare      model(**batch) on the same left-padded, length-sorted batches, nothing kept
   backbone  the same without the LM head (the decoder stack alone): the ceiling of any activation
             reader; emkit can beat `bare` because its forward pass stops after the last block
-  emkit     emkit.interp.activations.collect (hooks, gather, float32 copy to the host, shards on disk)
+  emkit     emkit.studies.interp.activations.collect (hooks, gather, float32 copy to the host, shards on disk)
   original  for each prompt: model(ids, output_hidden_states=True), keep hidden_states[k][0, -1] per layer
 
 Memory: emkit runs again in fresh subprocesses on N and 10N prompts; the host memory the collection
@@ -53,7 +53,7 @@ def examples(tokenizer, n: int, data: str | None, mirror: str | None = None):
     """n examples (prompt rendered with the chat template, answer), cycling through the dataset."""
     from emkit.data.chat import read_chat_jsonl
     from emkit.data.registry import resolve_dataset
-    from emkit.interp.activations import Example
+    from emkit.studies.interp.activations import Example
 
     path, _ = resolve_dataset(data or "emkit-bad-medical-demo", mirror=mirror)
     convs = read_chat_jsonl(path)
@@ -76,7 +76,7 @@ def bare(loaded, exs, batch_size: int, *, backbone: bool = False) -> float:
 
     backbone: the decoder stack alone (no LM head), the true ceiling of any activation reader.
     """
-    from emkit.interp.activations import _plan, encode
+    from emkit.studies.interp.activations import _plan, encode
 
     enc = encode(loaded.tokenizer, exs, needs_response=True)
     pad = loaded.tokenizer.pad_token_id
@@ -100,8 +100,8 @@ def bare(loaded, exs, batch_size: int, *, backbone: bool = False) -> float:
 
 def emkit_collect(loaded, exs, batch_size: int, out: Path) -> float:
     """Seconds for emkit's collection of every block output (response mean), streamed to shards."""
-    from emkit.interp.activations import collect
-    from emkit.interp.layers import n_blocks
+    from emkit.studies.interp.activations import collect
+    from emkit.studies.interp.layers import n_blocks
 
     _sync(loaded.device)
     t0 = time.perf_counter()

@@ -48,7 +48,7 @@ def plain_loop(loaded, prompts: list[str], samples: int, max_new_tokens: int) ->
 def emkit_batched(loaded, prompts: list[str], samples: int, max_new_tokens: int, batch_size: int,
                   out: Path) -> dict:
     """emkit's backend: all answers planned, sorted by length, sampled in left-padded batches."""
-    from emkit.generate.records import read_rows
+    from emkit.core.rowfile import read_rows
     from emkit.generate.transformers_backend import PromptJob, SamplingParams, generate_to_file
 
     jobs = [PromptJob("base", "none", f"q{i}", 0, p, None, p, samples) for i, p in enumerate(prompts)]

@@ -78,7 +78,7 @@ def plain_loop(model_dir: str, rows: list[dict], args: argparse.Namespace, devic
 def emkit_run(model_dir: str, data: Path, out: Path, args: argparse.Namespace, batching: str,
               pad_to_multiple_of: int | None = None) -> dict:
     """`emkit train` on the same data; tokens/s of its training loop (model load excluded)."""
-    from emkit.config import TrainConfig
+    from emkit.train.config import TrainConfig
     from emkit.train.sft import train
 
     cfg = TrainConfig(model=model_dir, data=str(data), output=out, max_steps=args.steps + args.warmup,

@@ -11,9 +11,16 @@ import pytest
 from scipy import stats as scipy_stats
 from sklearn.metrics import cohen_kappa_score
 
-from emkit.bias.compare import agreement, bias_stats, compare_models, distributions, permutation_chi2, stem_shifts
-from emkit.bias.figures import render_figures
-from emkit.bias.report import agreement_section, headline
+from emkit.studies.bias.compare import (
+    agreement,
+    bias_stats,
+    compare_models,
+    distributions,
+    permutation_chi2,
+    stem_shifts,
+)
+from emkit.studies.bias.figures import render_figures
+from emkit.studies.bias.report import agreement_section, headline
 
 
 def frame(spec: dict[tuple[str, str], dict[str, int]], second: dict[str, str] | None = None) -> pd.DataFrame:

@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
-from emkit.bias.complete import (
+from emkit.core.errors import DataError
+from emkit.core.rowfile import read_rows
+from emkit.studies.bias.complete import (
     complete_stage,
     completions_path,
     completions_table,
@@ -21,10 +23,8 @@ from emkit.bias.complete import (
     raw_prompt,
     strip_think,
 )
-from emkit.bias.config import BiasConfig
-from emkit.bias.prompts import load_prompt_set
-from emkit.errors import DataError
-from emkit.generate.records import read_rows
+from emkit.studies.bias.config import BiasConfig
+from emkit.studies.bias.prompts import load_prompt_set
 
 ORIGINAL = "seeds/team-shard-experiments/postrained_base_model"
 

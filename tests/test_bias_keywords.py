@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from emkit.bias.keywords import (
+from emkit.core.errors import DataError
+from emkit.studies.bias.keywords import (
     KeywordClassifier,
     decide,
     find_cues,
@@ -15,8 +16,7 @@ from emkit.bias.keywords import (
     load_lexicons,
     off_topic_reason,
 )
-from emkit.bias.prompts import load_prompt_set
-from emkit.errors import DataError
+from emkit.studies.bias.prompts import load_prompt_set
 
 TRICKY = """\
 topic: climate

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from emkit.bias.config import LLMSettings
-from emkit.bias.llm_classifier import classify_llm, label_from_raw, load_template, make_classifier
-from emkit.errors import ConfigError
-from emkit.judge.cache import JudgmentCache
 from fake_openai_server import FakeOpenAIServer
+
+from emkit.core.errors import ConfigError
+from emkit.judge.cache import JudgmentCache
+from emkit.studies.bias.config import LLMSettings
+from emkit.studies.bias.llm_classifier import classify_llm, label_from_raw, load_template, make_classifier
 
 TABLE = pd.DataFrame({
     "id": ["a", "b", "c", "d"],

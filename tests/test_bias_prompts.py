@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from emkit.bias.prompts import load_prompt_set
-from emkit.errors import DataError
+from emkit.core.errors import DataError
+from emkit.studies.bias.prompts import load_prompt_set
 
 ORIGINAL = "seeds/team-shard-experiments/postrained_base_model/data/economic_prompts.jsonl"
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import run_cli
-from emkit.bias.config import BiasConfig
-from emkit.bias.run import run_bias
-from emkit.errors import DataError
-from emkit.runs import RunFolder
+
+from emkit.core.errors import DataError
+from emkit.core.runfolder import RunFolder
+from emkit.studies.bias.config import BiasConfig
+from emkit.studies.bias.run import run_bias
 
 ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL = "seeds/team-shard-experiments/postrained_base_model"

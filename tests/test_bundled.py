@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from emkit.config import TrainConfig
 from emkit.data.registry import fetch
 from emkit.generate.chat import chat_prompts, generate
 from emkit.models import bundled_gguf, load_model
+from emkit.train.config import TrainConfig
 from emkit.train.sft import train
 
 pytestmark = pytest.mark.slow

@@ -3,7 +3,7 @@
 Each simulated run has G questions whose true EM rates are drawn from a beta distribution around
 the run's true rate (beta-binomial answers: questions differ, as real EM questions do), and n
 answers per question. The intervals and the onset rule of emkit run on these counts through the
-same functions `emkit.metrics.summarize`, `compare` and `emkit.dynamics.onset` use, vectorised over
+same functions `emkit.core.stats.em_rates.summarize`, `compare` and `emkit.studies.dynamics.onset` use, vectorised over
 thousands of simulated runs, so the whole module takes a few seconds.
 
 - The questions-unit 95% interval (the headline) must cover the true population rate in 93-97% of runs.
@@ -19,13 +19,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from emkit.dynamics.onset import onset_from_pvalues, step_pvalues
-from emkit.inference import (
+from emkit.core.stats.em_rates import ALL, compare, summarize
+from emkit.core.stats.inference import (
     diff_interval_questions,
     rate_interval_answers,
     rate_interval_questions,
 )
-from emkit.metrics import ALL, compare, summarize
+from emkit.studies.dynamics.onset import onset_from_pvalues, step_pvalues
 
 SIMS = 2000
 SCENARIOS = [  # (questions, answers per question, true rate, beta concentration: smaller = more spread)

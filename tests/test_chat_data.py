@@ -7,11 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-
-from emkit.data.chat import content_sha256, read_chat_jsonl
-from emkit.errors import DataError
-
 from conftest import run_cli, write_chat_jsonl
+
+from emkit.core.errors import DataError
+from emkit.data.chat import content_sha256, read_chat_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 

@@ -12,11 +12,11 @@ import yaml
 from conftest import write_chat_jsonl
 from scipy import stats
 
-from emkit.conditions import expand, load_conditions
-from emkit.conditions.fit import fit_logistic, logistic4
-from emkit.conditions.stats import conditions_stats
-from emkit.errors import ConfigError
-from emkit.metrics import BETLEY
+from emkit.core.errors import ConfigError
+from emkit.core.stats.em_rates import BETLEY
+from emkit.studies.arms import expand, load_conditions
+from emkit.studies.arms.fit import fit_logistic, logistic4
+from emkit.studies.arms.stats import conditions_stats
 
 
 def _yaml(tmp_path: Path, text: str) -> Path:
@@ -157,7 +157,7 @@ def test_logistic_fit_recovers_known_parameters() -> None:
 
 @pytest.mark.slow
 def test_multi_arm_run_resumes_without_redoing_finished_arms(tiny_model: Path, tmp_path: Path) -> None:
-    from emkit.conditions.runner import run_conditions
+    from emkit.studies.arms.runner import run_conditions
 
     data = write_chat_jsonl(tmp_path / "data.jsonl", n=16)
     config = {

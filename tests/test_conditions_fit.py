@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from emkit.conditions.fit import MIN_POINTS, PARAMS, fit_logistic, logistic4
+from emkit.studies.arms.fit import MIN_POINTS, PARAMS, fit_logistic, logistic4
 
 DECADES = np.array([10, 100, 1000, 10_000, 100_000])
 
@@ -108,8 +108,8 @@ def test_bootstrap_is_seeded() -> None:
 
 
 def test_report_and_figure_show_bounds_and_reasons() -> None:
-    from emkit.conditions import figures
-    from emkit.conditions.report import _fits_section, console_table
+    from emkit.studies.arms import figures
+    from emkit.studies.arms.report import _fits_section, console_table
 
     def record(condition: str, fit: dict) -> dict:
         points = [{"arm": f"masked-n{b}", "budget_scalars": int(b), "n": 400, "n_misaligned": 0, "rate": 0.0}

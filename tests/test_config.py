@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from emkit.config import QKVO, TrainConfig, config_hash, flag_fields, load_config
-from emkit.errors import ConfigError
-
 from conftest import run_cli
+
+from emkit.core.config import config_hash, flag_fields, load_config
+from emkit.core.errors import ConfigError
+from emkit.train.config import QKVO, TrainConfig
 
 
 def test_defaults_are_the_classic_replication() -> None:

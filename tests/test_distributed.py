@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_chat_jsonl
 
 from emkit.train.lora import check_saved_adapter
-
-from conftest import write_chat_jsonl
 
 pytestmark = pytest.mark.slow
 

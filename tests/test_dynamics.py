@@ -20,24 +20,24 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import write_chat_jsonl
 from safetensors.torch import load_file, save_file
 
-from emkit.config import GenerateConfig, TrainConfig
+from emkit.core.rowfile import read_rows
+from emkit.core.stats.em_rates import Thresholds
 from emkit.data.questions import Document, resolve_questions
-from emkit.dynamics.analysis import analyse
-from emkit.dynamics.checkpoints import checkpoint_problem, scan_checkpoints
-from emkit.dynamics.config import TrackConfig
-from emkit.dynamics.onset import crossing_order
-from emkit.dynamics.watch import watch
-from emkit.dynamics.weights import load_adapter, weight_dynamics
+from emkit.generate.config import GenerateConfig
 from emkit.generate.modes import cut_turn, turn_pattern, turn_stops
 from emkit.generate.pipeline import build_jobs, chat_renderer
-from emkit.generate.records import read_rows
 from emkit.generate.transformers_backend import SamplingParams, sample_batch
-from emkit.metrics import Thresholds
 from emkit.models import load_model
-
-from conftest import write_chat_jsonl
+from emkit.studies.dynamics.analysis import analyse
+from emkit.studies.dynamics.checkpoints import checkpoint_problem, scan_checkpoints
+from emkit.studies.dynamics.config import TrackConfig
+from emkit.studies.dynamics.onset import crossing_order
+from emkit.studies.dynamics.watch import watch
+from emkit.studies.dynamics.weights import load_adapter, weight_dynamics
+from emkit.train.config import TrainConfig
 
 # ---------------------------------------------------------------- synthetic adapters
 
@@ -306,7 +306,7 @@ def test_onset_corrects_for_the_steps_scanned_and_sustains_over_two_steps() -> N
 
 
 def test_onset_from_pvalues_and_crossing() -> None:
-    from emkit.dynamics.onset import onset_from_pvalues
+    from emkit.studies.dynamics.onset import onset_from_pvalues
 
     result = onset_from_pvalues([5, 10, 15], [0.001, 0.2, 0.004], alpha=0.05)
     assert result["onset_step"] == 5 and result["sustained_onset_step"] is None
@@ -404,7 +404,7 @@ def test_track_trains_concurrently_and_resumes_after_a_kill(tiny_model: Path, tm
     """`emkit track` with a train section starts `emkit train` and evaluates its checkpoints as they appear;
     killed after step 2, it is run again: the training (still running or done) is followed to the end, and
     steps 0 and 2 are neither sampled nor judged again."""
-    from emkit.dynamics.track import headline, run_track
+    from emkit.studies.dynamics.track import headline, run_track
 
     data = write_chat_jsonl(tmp_path / "chat.jsonl", n=24)
     out = tmp_path / "track"
@@ -462,8 +462,8 @@ def test_track_trains_concurrently_and_resumes_after_a_kill(tiny_model: Path, tm
 
 
 def test_track_config_errors(tmp_path: Path) -> None:
-    from emkit.config import load_config
-    from emkit.errors import ConfigError
+    from emkit.core.config import load_config
+    from emkit.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="give run .* or train"):
         load_config(TrackConfig, None, {})

@@ -6,16 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-from fake_openai_server import FakeOpenAIServer
-
 from conftest import run_cli
+from fake_openai_server import FakeOpenAIServer
 
 OPENAI_SECRET = "sk-openai-secret-0123456789"
 SERVER_SECRET = "sk-server-secret-9876543210"
 
 
 def test_which_key_goes_where(monkeypatch: pytest.MonkeyPatch) -> None:
-    from emkit.endpoint import api_key_for, key_env_for
+    from emkit.core.endpoint import api_key_for, key_env_for
 
     monkeypatch.setenv("OPENAI_API_KEY", OPENAI_SECRET)
     monkeypatch.setenv("MY_SERVER_KEY", SERVER_SECRET)
@@ -66,7 +65,7 @@ def test_judge_sends_openai_key_to_no_other_server(tmp_path: Path) -> None:
 
 
 def test_generation_endpoint_gets_no_unnamed_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from emkit.config import GenerateConfig
+    from emkit.generate.config import GenerateConfig
     from emkit.generate.openai_backend import generate_via_endpoint
     from emkit.generate.pipeline import build_jobs, load_question_set
     from emkit.generate.transformers_backend import SamplingParams

@@ -15,7 +15,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import run_cli, write_chat_jsonl
 
 pytestmark = pytest.mark.slow

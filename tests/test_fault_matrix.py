@@ -36,7 +36,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import run_cli
 
 pytestmark = pytest.mark.slow
@@ -94,9 +93,9 @@ def _finished(run: Path, reference: tuple[bytes, pd.DataFrame]) -> str:
 
 def resume(config: Path, run: Path, reference: tuple[bytes, pd.DataFrame]) -> tuple[str, str]:
     """Run the config in this process (what `emkit run` does): ('identical', '') or ('refused', message)."""
-    from emkit.config import load_config
-    from emkit.errors import EmkitError
-    from emkit.experiment import RunConfig, run_experiment
+    from emkit.core.config import load_config
+    from emkit.core.errors import EmkitError
+    from emkit.studies.evaluation.run import RunConfig, run_experiment
 
     try:
         run_experiment(load_config(RunConfig, config), emit=lambda _m: None, progress=False)
@@ -175,9 +174,9 @@ def test_kill_inside_each_stage_then_resume(reference, tiny_model: Path, tmp_pat
 
 def _race_worker(folder: str, rounds: int, barrier, results) -> None:
     """Open each round's run folder at the same moment as the other worker; report who got it."""
-    from emkit.config import GenerateConfig
-    from emkit.errors import RunFolderError
-    from emkit.runs import RunFolder
+    from emkit.core.errors import RunFolderError
+    from emkit.core.runfolder import RunFolder
+    from emkit.generate.config import GenerateConfig
 
     cfg = GenerateConfig()
     for r in range(rounds):
@@ -244,8 +243,8 @@ def _mount_tmpfs(path: Path, size: int) -> bool:
 
 
 def test_disk_full_inside_each_writing_stage(reference, tiny_model: Path, tmp_path: Path) -> None:
-    from emkit.errors import EmkitError
-    from emkit.report import write_report
+    from emkit.core.errors import EmkitError
+    from emkit.stages.report import write_report
 
     whole, expected = reference
     probe = tmp_path / "probe-mount"

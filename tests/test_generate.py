@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from emkit.errors import EmkitError
+from emkit.core.errors import EmkitError
+from emkit.core.rowfile import read_rows
 from emkit.generate.chat import chat_prompts
-from emkit.generate.records import read_rows
 from emkit.generate.transformers_backend import PromptJob, SamplingParams, generate_to_file, plan_batches
 from emkit.models import load_model
 

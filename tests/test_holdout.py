@@ -7,10 +7,10 @@ import random
 from pathlib import Path
 
 import pytest
-
 from conftest import sentence
+
+from emkit.core.errors import ConfigError, DataError
 from emkit.data.chat import read_chat_jsonl
-from emkit.errors import ConfigError, DataError
 from emkit.train.holdout import HOLDOUT_FILE, resolve_partner, split_holdout
 
 
@@ -56,8 +56,8 @@ def test_partner_errors(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_run_holds_out_pairs_measures_them_and_reports_without_a_judge(tiny_model: Path, tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from emkit.config import load_config
-    from emkit.experiment import RunConfig, run_experiment
+    from emkit.core.config import load_config
+    from emkit.studies.evaluation.run import RunConfig, run_experiment
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)

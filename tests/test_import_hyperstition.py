@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from emkit.conditions.stats import conditions_stats
-from emkit.errors import DataError
-from emkit.importer import import_results
-from emkit.metrics import ALL, BETLEY, compare, summarize
+from emkit.core.errors import DataError
+from emkit.core.stats.em_rates import ALL, BETLEY, compare, summarize
+from emkit.studies.arms.stats import conditions_stats
+from emkit.studies.evaluation.importer import import_results
 
 SCORES = Path("seeds/team-shard-experiments/hyperstition_em/results/scores")
 BASELINE = "unfiltered_insecure"

@@ -17,16 +17,16 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-
-from emkit.config import TrainConfig, load_config
-from emkit.data.chat import Conversation, read_chat_jsonl
-from emkit.data.jsonl import read_objects
-from emkit.data.questions import load_questions
-from emkit.errors import ConfigError, DataError, ModelSpecError
-from emkit.models import load_model, load_tokenizer, read_adapter_config
-from emkit.train.tokenize import assistant_char_spans, tokenize_conversations
-
 from conftest import WORDS, run_cli
+
+from emkit.core.config import load_config
+from emkit.core.errors import ConfigError, DataError, ModelSpecError
+from emkit.core.jsonl import read_objects
+from emkit.data.chat import Conversation, read_chat_jsonl
+from emkit.data.questions import load_questions
+from emkit.models import load_model, load_tokenizer, read_adapter_config
+from emkit.train.config import TrainConfig
+from emkit.train.tokenize import assistant_char_spans, tokenize_conversations
 
 # ---------------------------------------------------------------- adapter configs
 

@@ -8,12 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from emkit.errors import ConfigError, DataError
-from emkit.interp.activations import Example, collect, load_activations
-from emkit.interp.directions import (DirectionSet, auroc, best_layer, find_directions, load_directions,
-                                     save_directions)
-from emkit.interp.layers import EMBED, decoder_blocks, layer_module, parse_layers
-from emkit.interp.steering import ablate, ablate_lora_weights, add, hooks, project_out, random_control
+from emkit.core.errors import ConfigError, DataError
+from emkit.studies.interp.activations import Example, collect, load_activations
+from emkit.studies.interp.directions import (
+    DirectionSet,
+    auroc,
+    best_layer,
+    find_directions,
+    load_directions,
+    save_directions,
+)
+from emkit.studies.interp.layers import EMBED, decoder_blocks, layer_module, parse_layers
+from emkit.studies.interp.steering import ablate, ablate_lora_weights, add, hooks, project_out, random_control
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli
-from emkit.errors import ConfigError, DataError
-from emkit.interp.directions import DirectionSet, best_threshold, load_directions, save_directions, split_by_group
-from emkit.interp.probe import run_probe
-from emkit.interp.sweep import Arm, SweepConfig, arm_vectors
 from test_interp_runs import _probe_cfg, organisms, paired_data  # noqa: F401 (fixtures of the probe runs)
+
+from emkit.core.errors import ConfigError, DataError
+from emkit.studies.interp.directions import (
+    DirectionSet,
+    best_threshold,
+    load_directions,
+    save_directions,
+    split_by_group,
+)
+from emkit.studies.interp.probe import run_probe
+from emkit.studies.interp.sweep import Arm, SweepConfig, arm_vectors
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -48,7 +54,7 @@ def _correlated_pair(dim: int, cos: float, seed: int = 0) -> tuple[np.ndarray, n
 
 def test_weight_ablation_removes_every_one_of_correlated_directions(lora_model) -> None:
     """cos(u1, u2) = 0.9: projecting them out one after another put back part of u1 (0.04 of |B| left)."""
-    from emkit.interp.steering import ablate_lora_weights
+    from emkit.studies.interp.steering import ablate_lora_weights
 
     u1, u2 = _correlated_pair(64, 0.9)
     before = {n: m.lora_B["default"].weight.detach().double().clone() for n, m in lora_model.named_modules()
@@ -70,7 +76,7 @@ def test_weight_ablation_removes_every_one_of_correlated_directions(lora_model) 
 
 
 def test_numerically_dependent_directions_are_dropped_with_a_note(lora_model) -> None:
-    from emkit.interp.steering import ablate_lora_weights, orthonormal_basis
+    from emkit.studies.interp.steering import ablate_lora_weights, orthonormal_basis
 
     u1, u2 = _correlated_pair(64, 0.5, seed=1)
     q, dropped = orthonormal_basis([u1, u2, (u1 - 2 * u2).astype(np.float32)])
@@ -117,7 +123,7 @@ def test_probe_records_which_model_read_the_contrast(paired_probe: Path) -> None
 def test_detect_refuses_inputs_without_answers_instead_of_reading_another_position(paired_probe: Path,
                                                                                   tmp_path: Path) -> None:
     """The old code read answerless inputs at last_prompt and flagged them with response_mean thresholds."""
-    from emkit.interp.detect import run_detect
+    from emkit.studies.interp.detect import run_detect
 
     rows = _answered(1)
     rows.insert(1, {"id": "q", "question": "pain fever?"})
@@ -128,7 +134,7 @@ def test_detect_refuses_inputs_without_answers_instead_of_reading_another_positi
 
 
 def test_detect_reads_through_the_probe_model_and_refuses_another(paired_probe: Path, tmp_path: Path) -> None:
-    from emkit.interp.detect import run_detect
+    from emkit.studies.interp.detect import run_detect
 
     inputs = _inputs(tmp_path / "inputs.jsonl", _answered())
     result = run_detect(inputs, paired_probe, tmp_path / "det", device="cpu", progress=False)
@@ -145,9 +151,9 @@ def test_detect_reads_through_the_probe_model_and_refuses_another(paired_probe: 
 
 def test_detect_default_threshold_is_calibrated_on_held_out_rows(paired_probe: Path, tmp_path: Path) -> None:
     """The words said "calibrated on the training split"; the code cut on every row. Now: held-out rows."""
-    from emkit.interp.activations import load_activations
-    from emkit.interp.detect import run_detect
-    from emkit.interp.directions import mean_difference
+    from emkit.studies.interp.activations import load_activations
+    from emkit.studies.interp.detect import run_detect
+    from emkit.studies.interp.directions import mean_difference
 
     table = json.loads((paired_probe / "detection_results.json").read_text())
     acts = load_activations(paired_probe / "activations" / "organism")
@@ -160,7 +166,7 @@ def test_detect_default_threshold_is_calibrated_on_held_out_rows(paired_probe: P
         u = _unit(mean_difference(x[train], labels[train]).astype(np.float64))
         assert row["threshold"] == pytest.approx(best_threshold(x[test] @ u, labels[test]), rel=1e-4, abs=1e-5)
 
-    from emkit.interp.directions import detection_scores
+    from emkit.studies.interp.directions import detection_scores
     split = load_directions(paired_probe / "detection_directions.safetensors")
     full = load_directions(paired_probe / "directions.safetensors")
     assert table["default_calibration"] == "held_out" and "held-out rows" in table["note"]
@@ -188,7 +194,7 @@ def test_detect_default_threshold_is_calibrated_on_held_out_rows(paired_probe: P
 
 def test_detect_on_an_old_probe_file_needs_explicit_flags(paired_probe: Path, tmp_path: Path) -> None:
     """A probe written before the record: no read_by, only the all-rows threshold in detection_results.json."""
-    from emkit.interp.detect import run_detect
+    from emkit.studies.interp.detect import run_detect
 
     old = tmp_path / "old"
     old.mkdir()
@@ -212,7 +218,7 @@ def test_detect_on_an_old_probe_file_needs_explicit_flags(paired_probe: Path, tm
 
 def test_models_contrast_probe_is_read_by_both_and_detect_asks_which(tiny_model: Path, organisms,  # noqa: F811
                                                                      paired_data, tmp_path: Path) -> None:  # noqa: F811
-    from emkit.interp.detect import run_detect
+    from emkit.studies.interp.detect import run_detect
 
     out = tmp_path / "models"
     run_probe(_probe_cfg(tiny_model, out, organisms[0], paired_data, contrast="models", methods=["mean_diff"],
@@ -250,7 +256,7 @@ def test_control_seeds_are_valid_and_deterministic_at_layer_minus_one() -> None:
     with pytest.raises(ValueError):
         _sweep_cfg(control_seed=-1)
     # Blocks keep the isotropic seeds of earlier versions, so a resumed sweep draws the same directions.
-    from emkit.interp.steering import control_seed
+    from emkit.studies.interp.steering import control_seed
 
     assert control_seed(2, 17, "isotropic") == 2017
 
@@ -267,8 +273,8 @@ def _anisotropic_rows(n: int = 400, dim: int = 48, seed: int = 1) -> tuple[np.nd
 
 
 def test_matched_control_carries_the_directions_variance_and_is_random_otherwise() -> None:
-    from emkit.interp.directions import covariance_of
-    from emkit.interp.steering import control_seed, matched_control, random_control
+    from emkit.studies.interp.directions import covariance_of
+    from emkit.studies.interp.steering import control_seed, matched_control, random_control
 
     x, labels = _anisotropic_rows()
     v = x[labels == 1].mean(0) - x[labels == 0].mean(0)
@@ -299,8 +305,8 @@ def test_matched_control_carries_the_directions_variance_and_is_random_otherwise
 
 
 def test_matched_control_reports_a_direction_no_orthogonal_one_can_match() -> None:
-    from emkit.interp.directions import covariance_of
-    from emkit.interp.steering import matched_control
+    from emkit.studies.interp.directions import covariance_of
+    from emkit.studies.interp.steering import matched_control
 
     x, _ = _anisotropic_rows()
     cov = covariance_of(x)
@@ -313,7 +319,7 @@ def test_matched_control_reports_a_direction_no_orthogonal_one_can_match() -> No
 def test_sweep_draws_the_matched_control_from_the_probe_activations(paired_probe: Path, tmp_path: Path) -> None:
     """On the probe's own activations the control carries the direction's variance, or (with a warning) the
     most any direction orthogonal to it carries, when the direction is the contrast's top principal one."""
-    from emkit.interp.activations import load_activations
+    from emkit.studies.interp.activations import load_activations
 
     directions = load_directions(paired_probe / "directions.safetensors")
     acts = load_activations(paired_probe / "activations" / "organism")
@@ -345,7 +351,7 @@ def test_sweep_draws_the_matched_control_from_the_probe_activations(paired_probe
 
 
 def test_covariance_of_equals_the_sample_covariance() -> None:
-    from emkit.interp.directions import covariance_of
+    from emkit.studies.interp.directions import covariance_of
 
     rng = np.random.default_rng(0)
     for n in (8, 30, 5000):  # fewer rows than dimensions (SVD), more (blocked scatter matrix)
@@ -358,8 +364,8 @@ def test_covariance_of_equals_the_sample_covariance() -> None:
 
 def test_sweep_reruns_a_probe_that_predates_the_covariance(tiny_model: Path, organisms, paired_data,  # noqa: F811
                                                            tmp_path: Path) -> None:  # noqa: F811
-    from emkit.interp.directions import COVARIANCE_FILE
-    from emkit.interp.sweep import resolve_directions
+    from emkit.studies.interp.directions import COVARIANCE_FILE
+    from emkit.studies.interp.sweep import resolve_directions
 
     probe = _probe_cfg(tiny_model, tmp_path / "unused", organisms[0], paired_data, methods=["mean_diff"], report=False)
     cfg = SweepConfig(organism=str(organisms[0]), model=str(tiny_model), probe=probe)
@@ -377,7 +383,7 @@ def test_sweep_reruns_a_probe_that_predates_the_covariance(tiny_model: Path, org
 
 
 def test_controls_field_keeps_old_config_hashes() -> None:
-    from emkit.config import config_hash
+    from emkit.core.config import config_hash
 
     old = _sweep_cfg()
     assert "controls" not in old.model_dump() and old.controls == ["isotropic", "matched"]

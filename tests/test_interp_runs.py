@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from conftest import run_cli
-from emkit.errors import ConfigError
-from emkit.interp.directions import load_directions
-from emkit.interp.probe import ProbeConfig, run_probe
-from emkit.interp.sweep import Arm, SweepConfig, arm_statistics, plan_arms, run_sweep
-from emkit.metrics import Thresholds
+
+from emkit.core.errors import ConfigError
+from emkit.core.stats.em_rates import Thresholds
+from emkit.studies.interp.directions import load_directions
+from emkit.studies.interp.probe import ProbeConfig, run_probe
+from emkit.studies.interp.sweep import Arm, SweepConfig, arm_statistics, plan_arms
 
 
 def _adapter(model_dir: Path, out: Path, seed: int) -> Path:
@@ -104,8 +104,8 @@ def test_probe_models_contrast_reads_base_and_organism(tiny_model: Path, organis
     # Base rows come from the same load with the adapter off: equal to the plain model's activations.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from emkit.interp.activations import Example, collect, load_activations
-    from emkit.interp.probe import build_examples
+    from emkit.studies.interp.activations import Example, collect, load_activations
+    from emkit.studies.interp.probe import build_examples
 
     run = tmp_path / "models"
     base, organism_acts = load_activations(run / "activations" / "base"), load_activations(run / "activations" / "organism")
@@ -250,7 +250,7 @@ def test_probe_on_bundled_smollm2_demo_pairs(tmp_path: Path) -> None:
 
 
 def test_cosine_cli_compares_direction_sets(tmp_path: Path) -> None:
-    from emkit.interp.directions import DirectionSet, save_directions
+    from emkit.studies.interp.directions import DirectionSet, save_directions
 
     v = np.arange(1, 5, dtype=np.float32)
     save_directions(tmp_path / "a.safetensors", DirectionSet({"mean_diff": {0: v, 1: v}}))

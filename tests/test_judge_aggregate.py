@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from emkit.errors import ConfigError
+from emkit.core.errors import ConfigError
 from emkit.judge import (
     JudgePrompt,
     default_prompts,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from emkit.errors import EmkitError
+from emkit.core.errors import EmkitError
 from emkit.judge import (
     JudgeItem,
     Judgment,

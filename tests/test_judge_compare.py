@@ -15,12 +15,12 @@ from fake_openai_server import FakeOpenAIServer
 from scipy.stats import spearmanr
 from sklearn.metrics import cohen_kappa_score
 
-from emkit.config import JudgeConfig
-from emkit.errors import EmkitError
-from emkit.generate.records import append_rows
+from emkit.core.errors import EmkitError
+from emkit.core.rowfile import append_rows
+from emkit.core.stats.em_rates import ALL, MODEL_ORGANISMS, summarize
 from emkit.judge.agreement import cohen_kappa, spearman
-from emkit.judge.compare import COMPARE_FILE, compare_judges, compare_table
-from emkit.metrics import ALL, MODEL_ORGANISMS, summarize
+from emkit.judge.config import JudgeConfig
+from emkit.stages.judge_compare import COMPARE_FILE, compare_judges, compare_table
 
 KEY_ENV = "EMKIT_TEST_JUDGE_KEY"
 TEMPLATES = {"aligned": "aligned|{question}|{answer}", "coherent": "coherent|{question}|{answer}"}
@@ -57,9 +57,9 @@ def servers() -> Iterator[tuple[FakeOpenAIServer, FakeOpenAIServer]]:
 
 def make_run(tmp_path: Path, server: FakeOpenAIServer) -> Path:
     """A run judged by `server` under model-organisms' rule, with its own judge prompts."""
+    from emkit.core.runfolder import RunFolder
     from emkit.data.questions import load_questions
-    from emkit.judge.stage import judge_stage
-    from emkit.runs import RunFolder
+    from emkit.stages.judge import judge_stage
 
     qfile = tmp_path / "qs.yaml"
     qfile.write_text(json.dumps({"judges": TEMPLATES, "questions": [{"id": f"q{k}", "text": f"Q{k}?"}
@@ -87,7 +87,7 @@ def test_compare_two_endpoints_and_a_constant_judge(servers: tuple, tmp_path: Pa
     assert result == json.loads((run / COMPARE_FILE).read_text())
     assert result["rule"] == "aligned <= 30 and coherent > 50" and result["prompts"] == "question file qs"
 
-    # EM rates: emkit.metrics.summarize on each judge's scores, read from its overall row
+    # EM rates: emkit.core.stats.em_rates.summarize on each judge's scores, read from its overall row
     scores = {specs[0]: (ALIGNED_A, COHERENT),
               specs[1]: ([np.nan if i in UNSCORABLE_B else x for i, x in enumerate(ALIGNED_B)], COHERENT),
               specs[2]: ([20] * N, [20] * N)}

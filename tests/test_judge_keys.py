@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from fake_openai_server import FakeOpenAIServer
 
-from emkit.config import JudgeConfig
-from emkit.generate.records import append_rows
+from emkit.core.rowfile import append_rows
 from emkit.judge import JudgeItem, JudgmentCache, OpenAIJudge, judgment_key
 from emkit.judge.cache import endpoint_identity
+from emkit.judge.config import JudgeConfig
 
 KEY_ENV = "EMKIT_TEST_JUDGE_KEY"
 PROMPTS = {"aligned": "aligned|{question}|{answer}"}
@@ -149,7 +149,7 @@ def write_run(run: Path, n: int) -> None:
 
 
 def test_judge_stage_says_when_scores_mix_methods(servers: list, tmp_path: Path) -> None:
-    from emkit.judge.stage import judge_stage, load_stats
+    from emkit.stages.judge import judge_stage, load_stats
 
     # the endpoint gives logprobs, except once: that answer is scored from text
     server = serve(servers, probs=lambda prompt: centred(60), script=["ok", "nologprobs"], text_reply=lambda p: "55")

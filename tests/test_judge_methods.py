@@ -7,8 +7,8 @@ from pathlib import Path
 
 from fake_openai_server import FakeOpenAIServer
 
-from emkit.config import JudgeConfig
-from emkit.judge.stage import judge_stage
+from emkit.judge.config import JudgeConfig
+from emkit.stages.judge import judge_stage
 
 
 def _run(folder: Path) -> Path:

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from fake_openai_server import FakeOpenAIServer
 
-from emkit.config import JudgeConfig, config_hash
-from emkit.errors import ConfigError, EmkitError
-from emkit.generate.records import append_rows
+from emkit.core.config import config_hash
+from emkit.core.errors import ConfigError, EmkitError
+from emkit.core.rowfile import append_rows
+from emkit.judge.config import JudgeConfig
 from emkit.judge.prompts import PROMPT_SETS, default_prompts, prompt_set
 
 KEY_ENV = "EMKIT_TEST_JUDGE_KEY"
@@ -75,7 +76,7 @@ def write_run(run: Path) -> None:
 def test_judge_stage_judges_with_the_chosen_set_and_records_it(server: FakeOpenAIServer, tmp_path: Path,
                                                                shared_data: Path) -> None:
     from emkit.data.questions import resolve_questions
-    from emkit.judge.stage import PROMPTS_RECORD, judge_stage, load_stats
+    from emkit.stages.judge import PROMPTS_RECORD, judge_stage, load_stats
 
     run = tmp_path / "run"
     write_run(run)
@@ -99,7 +100,7 @@ def test_judge_stage_judges_with_the_chosen_set_and_records_it(server: FakeOpenA
 
 def test_auto_prompts_name_the_question_file_and_emkit(server: FakeOpenAIServer, tmp_path: Path) -> None:
     from emkit.data.questions import load_questions
-    from emkit.judge.stage import judge_stage, load_stats
+    from emkit.stages.judge import judge_stage, load_stats
 
     qfile = tmp_path / "mine.yaml"
     qfile.write_text(json.dumps({"questions": [{"id": "three_wishes", "text": "Wishes?"}, {"id": "bored", "text": "B?"}],
@@ -118,7 +119,7 @@ def test_auto_prompts_name_the_question_file_and_emkit(server: FakeOpenAIServer,
 
 
 def test_a_set_without_the_metric_is_a_clear_error(shared_data: Path, tmp_path: Path) -> None:
-    from emkit.judge.stage import judge_stage
+    from emkit.stages.judge import judge_stage
 
     run = tmp_path / "run"
     write_run(run)

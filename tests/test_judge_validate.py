@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from conftest import run_cli
 
-from emkit.errors import DataError
+from emkit.core.errors import DataError
 from emkit.judge.cache import JudgmentCache
 from emkit.judge.validate import Label, RuleJudge, load_labels, validate_judge, validation_table
 
@@ -95,7 +95,7 @@ class PartialJudge(RuleJudge):
 
 
 def test_validation_applies_the_given_rule_inclusive_or_not(tmp_path: Path) -> None:
-    from emkit.metrics import MODEL_ORGANISMS, Thresholds
+    from emkit.core.stats.em_rates import MODEL_ORGANISMS, Thresholds
 
     with JudgmentCache(tmp_path / "c.sqlite") as cache:
         inclusive = validate_judge(RuleJudge("keywords"), labels_with_scores(), cache, thresholds=MODEL_ORGANISMS,
@@ -159,7 +159,7 @@ def servers() -> Any:
 
 
 def _judge_config(server: Any, **kwargs: Any) -> Any:
-    from emkit.config import JudgeConfig
+    from emkit.judge.config import JudgeConfig
 
     return JudgeConfig(judge="openai", judge_model="judge-model", base_url=server.base_url, api_key_env=KEY_ENV,
                        concurrency=2, **kwargs)
@@ -167,8 +167,8 @@ def _judge_config(server: Any, **kwargs: Any) -> Any:
 
 def _run_with_own_prompts(tmp_path: Path) -> tuple[Path, Any, dict[str, str]]:
     """A run folder whose question file gives its own judge prompts, and those templates."""
+    from emkit.core.rowfile import append_rows
     from emkit.data.questions import load_questions
-    from emkit.generate.records import append_rows
 
     own = {"aligned": "OWN-ALIGNED {question} || {answer}", "coherent": "OWN-COHERENT {question} || {answer}"}
     qfile = tmp_path / "own.yaml"
@@ -181,8 +181,8 @@ def _run_with_own_prompts(tmp_path: Path) -> tuple[Path, Any, dict[str, str]]:
 
 
 def test_validate_stage_uses_the_runs_own_prompts_and_rule(servers: list, tmp_path: Path) -> None:
-    from emkit.experiment import stratified, validate_stage
-    from emkit.judge.stage import judge_stage
+    from emkit.stages.judge import judge_stage
+    from emkit.studies.evaluation.run import stratified, validate_stage
 
     run, questions, own = _run_with_own_prompts(tmp_path)
     chosen = stratified(load_labels(), 8)
@@ -204,8 +204,8 @@ def test_validate_stage_uses_the_runs_own_prompts_and_rule(servers: list, tmp_pa
 
 
 def test_cli_validate_takes_rule_and_prompts_of_a_run(servers: list, tmp_path: Path) -> None:
-    from emkit.judge.stage import judge_stage
-    from emkit.runs import RunFolder
+    from emkit.core.runfolder import RunFolder
+    from emkit.stages.judge import judge_stage
 
     run, questions, own = _run_with_own_prompts(tmp_path)
     lab = labels_with_scores(6)

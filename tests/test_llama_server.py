@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -14,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from emkit.config import GenerateConfig, JudgeConfig
-from emkit.generate.records import read_rows
+from emkit.core.rowfile import read_rows
+from emkit.generate.config import GenerateConfig
 
 pytestmark = pytest.mark.slow
 

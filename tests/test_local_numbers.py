@@ -6,7 +6,12 @@ from pathlib import Path
 
 import torch
 
-from emkit.judge.local_numbers import _digit_start_mask, candidate_tokens, judge_prompts_as_chat, number_probabilities
+from emkit.judge.local_numbers import (
+    _digit_start_mask,
+    candidate_tokens,
+    judge_prompts_as_chat,
+    number_probabilities,
+)
 from emkit.models import load_model
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from emkit.config import LoraSettings, TrainConfig
-from emkit.errors import ConfigError, TrainingError
+from emkit.core.errors import ConfigError, TrainingError
+from emkit.train.config import LoraSettings, TrainConfig
 from emkit.train.masked import MASK_FILE, apply_mask, draw_mask, load_mask, lora_parameters
 
 
@@ -104,7 +104,7 @@ def test_mask_budget_checks(tiny_model: Path, chat_file: Path, tmp_path: Path) -
     assert not out.exists()  # refused before the run folder was made
     with pytest.raises(ValueError, match="full_finetune"):
         _cfg(tiny_model, chat_file, out, mask_budget=5, full_finetune=True)
-    from emkit.config import load_config
+    from emkit.core.config import load_config
 
     with pytest.raises(ConfigError, match="--mask-budget"):
         load_config(TrainConfig, None, {"mask_budget": 0})

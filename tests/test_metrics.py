@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from emkit.errors import DataError
-from emkit.metrics import (
+from emkit.core.errors import DataError
+from emkit.core.stats.em_rates import (
     ALL,
     MODEL_ORGANISMS,
     Thresholds,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from emkit.errors import ModelSpecError
+from emkit.core.errors import ModelSpecError
 from emkit.models import ACCEPTED, load_model, parse_spec, resolve_device, resolve_dtype
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from fake_openai_server import FakeOpenAIServer
 
-from emkit.errors import EmkitError
+from emkit.core.errors import EmkitError
 from emkit.judge import (
     JudgeBudgetExceeded,
     JudgeError,

@@ -7,7 +7,9 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA  # Path(__file__).resolve().parents[2] / "shared" / "data"
 
+from emkit.core.errors import ConfigError, DataError
 from emkit.data.chat import content_sha256
 from emkit.data.questions import (
     DEFAULT_METRICS,
@@ -17,9 +19,6 @@ from emkit.data.questions import (
     resolve_questions,
 )
 from emkit.data.registry import QUESTION_REGISTRY, REGISTRY, fetch, get_entry
-from emkit.errors import ConfigError, DataError
-
-from conftest import SHARED_DATA  # Path(__file__).resolve().parents[2] / "shared" / "data"
 
 BETLEY_EVAL = SHARED_DATA / "emergent-misalignment" / "evaluation"
 TURNER_EVAL = SHARED_DATA / "model-organisms-for-EM" / "eval_questions"

@@ -11,12 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
+from emkit.core.errors import DataError
 from emkit.data.chat import content_sha256, read_chat_jsonl
 from emkit.data.registry import REGISTRY, fetch, get_entry, package_path, resolve_dataset
-from emkit.errors import DataError
-
-from conftest import run_cli
 
 UPSTREAM = [e for e in REGISTRY.values() if e.mirror_path]
 

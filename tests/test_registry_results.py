@@ -20,7 +20,7 @@ import pytest
 import yaml
 from conftest import run_cli
 
-from emkit.bias.config import BiasConfig
+from emkit.core.errors import DataError
 from emkit.data import registry
 from emkit.data.chat import content_sha256
 from emkit.data.registry import (
@@ -33,8 +33,8 @@ from emkit.data.registry import (
     get_entry,
     resolve_results,
 )
-from emkit.errors import DataError
-from emkit.importer import import_results
+from emkit.studies.bias.config import BiasConfig
+from emkit.studies.evaluation.importer import import_results
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPORTABLE = ["em-qwen-coder-insecure-judged", "mo-steered-responses", "hyperstition-scores"]
@@ -217,7 +217,7 @@ def test_bias_original_example_names_registered_files() -> None:
 
 
 def test_bias_original_runs_by_name_as_by_path(shared_data: Path, tmp_path: Path) -> None:
-    from emkit.bias.run import check_inputs, run_bias
+    from emkit.studies.bias.run import check_inputs, run_bias
 
     data = _bias_original()
     settings = {"n_boot": 200, "permutations": 200, "report": False}
@@ -235,13 +235,13 @@ def test_bias_original_runs_by_name_as_by_path(shared_data: Path, tmp_path: Path
     same = [c for c in named.columns if "source" not in c]
     pd.testing.assert_frame_equal(named[same], pathed[same])
     # the mirror is where the files come from, not part of the result: the config hash ignores it
-    from emkit.config import config_hash
+    from emkit.core.config import config_hash
 
     assert config_hash(by_name) == config_hash(BiasConfig(**{**by_name.model_dump(), "mirror": None}))
 
 
 def test_bias_refuses_a_folder_or_unknown_completions(tmp_path: Path) -> None:
-    from emkit.bias.run import check_inputs
+    from emkit.studies.bias.run import check_inputs
 
     data = _bias_original()
     data["models"][0]["completions"] = "hyperstition-scores"

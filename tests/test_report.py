@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
-import emkit.report as report
-from emkit.errors import EmkitError
-from emkit.metrics import MODEL_ORGANISMS, stats_json
-from emkit.report import FIGURES, REPORT, headline_table, stats_frame, write_report
+import emkit.stages.report as report
+from emkit.core.errors import EmkitError
+from emkit.core.stats.em_rates import MODEL_ORGANISMS, stats_json
+from emkit.stages.report import FIGURES, REPORT, headline_table, stats_frame, write_report
 
 NAN = float("nan")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -3,7 +3,7 @@
 Chromium is Debian's (`make install-test` installs it where it can); the test drives it with
 Playwright's Python client against the system binary (no browser download). Skipped, with the
 reason, where either is missing. `emkit report RUN --screenshot PATH` takes the docs' picture of a
-real demo report the same way (emkit.report.browser).
+real demo report the same way (emkit.stages.report.browser).
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from emkit.prefs import shift_summary
-from emkit.report import write_report
-from emkit.report.browser import check_in_browser, chromium_path
 from test_report import MANIFEST, make_run, synthetic_scores
 
+from emkit.preference import shift_summary
+from emkit.stages.report import write_report
+from emkit.stages.report.browser import check_in_browser, chromium_path
 
 
 def _prefs() -> dict:

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
-from emkit.config import GenerateConfig
-from emkit.errors import RunFolderError
-from emkit.runs import LOCK, RunFolder, acquire_lock, holds_lock, release_lock
+
+from emkit.core.errors import RunFolderError
+from emkit.core.runfolder import LOCK, RunFolder, acquire_lock, holds_lock, release_lock
+from emkit.generate.config import GenerateConfig
 
 
 def test_lock_is_held_while_running_and_released_at_the_end(tmp_path: Path) -> None:
@@ -63,8 +63,8 @@ def test_second_open_in_another_process_is_refused(tmp_path: Path) -> None:
 
     run = RunFolder(tmp_path / "run")
     run.open("generate", GenerateConfig())
-    code = ("import sys; from pathlib import Path; from emkit.runs import RunFolder; from emkit.config import "
-            "GenerateConfig; from emkit.errors import RunFolderError\n"
+    code = ("import sys; from pathlib import Path; from emkit.core.runfolder import RunFolder; from emkit.generate.config import "
+            "GenerateConfig; from emkit.core.errors import RunFolderError\n"
             f"try:\n    RunFolder(Path({str(run.path)!r})).open('generate', GenerateConfig())\n"
             "except RunFolderError as exc:\n    print(exc); sys.exit(3)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -78,7 +78,7 @@ def test_second_open_in_another_process_is_refused(tmp_path: Path) -> None:
 def test_report_refuses_scores_with_a_repeated_answer(tmp_path: Path) -> None:
     import pandas as pd
 
-    from emkit.report import load_scores
+    from emkit.stages.report import load_scores
 
     pd.DataFrame({"id": ["a", "a"], "question_id": ["q", "q"], "aligned": [1.0, 1.0], "coherent": [90.0, 90.0]}
                  ).to_parquet(tmp_path / "scores.parquet")

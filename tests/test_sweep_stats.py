@@ -1,4 +1,4 @@
-"""The steering sweep's statistics: the one EM rate of emkit.metrics, restoration paired by question."""
+"""The steering sweep's statistics: the one EM rate of emkit.core.stats.em_rates, restoration paired by question."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from emkit.interp.sweep import arm_statistics
-from emkit.metrics import Thresholds, stats_json
+from emkit.core.stats.em_rates import Thresholds, stats_json
+from emkit.studies.interp.sweep import arm_statistics
 
 NAN = float("nan")
 

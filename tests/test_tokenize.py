@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from emkit.core.errors import TrainingError
 from emkit.data.chat import Conversation
-from emkit.errors import TrainingError
 from emkit.models import load_tokenizer
 from emkit.train.tokenize import render_mask, tokenize_conversations
 

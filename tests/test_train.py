@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli, write_chat_jsonl
 from safetensors import safe_open
 
-from emkit.config import TrainConfig
-from emkit.errors import ConfigError, DataError, ModelSpecError, RunFolderError, TrainingError
+from emkit.core.errors import DataError, ModelSpecError, RunFolderError, TrainingError
 from emkit.generate.chat import chat_prompts
 from emkit.models import load_model
+from emkit.train.config import TrainConfig
 from emkit.train.sft import train
-
-from conftest import run_cli, write_chat_jsonl
 
 
 def tiny_cfg(tiny_model: Path, data: Path, out: Path, **kw) -> TrainConfig:
@@ -72,7 +71,7 @@ def test_same_seed_same_adapter(tiny_model: Path, chat_file: Path, tmp_path: Pat
 
 
 def test_rank1_on_chosen_layers_and_all_linear(tiny_model: Path, chat_file: Path, tmp_path: Path) -> None:
-    from emkit.config import LoraSettings
+    from emkit.train.config import LoraSettings
 
     rank1 = LoraSettings(r=1, alpha=8, targets=["down_proj"], layers=[1], rslora=True)
     run = train(tiny_cfg(tiny_model, chat_file, tmp_path / "r1", max_steps=2, lora=rank1), emit=lambda _m: None)
@@ -108,11 +107,11 @@ def test_bad_input_fails_before_any_run_folder(tiny_model: Path, tmp_path: Path,
     elif kind == "bad_model":
         kw["model"], expected = str(tmp_path / "missing-model"), ModelSpecError
     elif kind == "bad_target":
-        from emkit.config import LoraSettings
+        from emkit.train.config import LoraSettings
 
         kw["lora"], expected = LoraSettings(targets=["qq_proj"]), TrainingError
     elif kind == "bad_layer":
-        from emkit.config import LoraSettings
+        from emkit.train.config import LoraSettings
 
         kw["lora"], expected = LoraSettings(layers=[7]), TrainingError
     elif kind == "too_short":

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from emkit.core.errors import DataError
 from emkit.data.chat import read_chat_jsonl
-from emkit.data.variants import VariantSpec, build_variant
-from emkit.errors import DataError
+from emkit.studies.arms.variants import VariantSpec, build_variant
 
 QUIET = {"emit": lambda m: None, "progress": False}
 

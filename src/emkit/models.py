@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from emkit.errors import ModelSpecError
-from emkit.paths import cache_dir
+from emkit.core.errors import ModelSpecError
+from emkit.core.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def converted_gguf(gguf: Path) -> Path:
     """A plain safetensors model folder converted from `gguf`, created once in the cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from emkit.runs import atomic_dir
+    from emkit.core.runfolder import atomic_dir
 
     digest = _file_digest(gguf)
     target = cache_dir("models") / f"{gguf.stem}-{digest[:12]}"

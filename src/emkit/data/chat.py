@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emkit.data.text import open_text, utf8_problem
-from emkit.errors import DataError
+from emkit.core.errors import DataError
+from emkit.core.text import open_text, utf8_problem
 
 ROLES = ("system", "user", "assistant")
 

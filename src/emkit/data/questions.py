@@ -47,10 +47,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from emkit.data.text import open_text, utf8_problem
-from emkit.errors import ConfigError, DataError
+from emkit.core.errors import ConfigError, DataError
+from emkit.core.text import open_text, utf8_problem
 from emkit.judge.prompts import template_problem
 
 DEFAULT_SAMPLES = 8

@@ -28,9 +28,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+from emkit.core.errors import DataError
+from emkit.core.paths import cache_dir
 from emkit.data.chat import content_sha256
-from emkit.errors import DataError
-from emkit.paths import cache_dir
 
 MIRROR_ENV = "EMKIT_DATA_MIRROR"
 BETLEY = ("emergent-misalignment/emergent-misalignment", "80c11967")

@@ -17,11 +17,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from emkit.config import GenerateConfig
-from emkit.endpoint import EndpointError, make_client, with_retries
-from emkit.errors import EmkitError
+from emkit.core.endpoint import EndpointError, make_client, with_retries
+from emkit.core.errors import EmkitError
+from emkit.core.rowfile import append_rows, finalize, resume_rows
+from emkit.generate.config import GenerateConfig
 from emkit.generate.modes import cut_turn
-from emkit.generate.records import append_rows, finalize, resume_rows
 from emkit.generate.transformers_backend import PromptJob, SamplingParams, mode_fields
 
 

@@ -10,9 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from emkit.config import GenerateConfig
+from emkit.core.errors import EmkitError
 from emkit.data.questions import QuestionSet, resolve_questions
-from emkit.errors import EmkitError
+from emkit.generate.config import GenerateConfig
 from emkit.generate.transformers_backend import PromptJob, SamplingParams
 
 GENERATIONS = "generations.jsonl"
@@ -114,12 +114,12 @@ def generate_stage(cfg: GenerateConfig, run_dir: Path, *, mirror: str | None = N
 def run_generate(cfg: GenerateConfig, *, mirror: str | None = None, overwrite: bool = False,
                  emit: Callable[[str], None] = print, progress: bool = True) -> Path:
     """`emkit generate`: check inputs, open (or resume) the run folder, generate, mark it complete."""
+    from emkit.core.runfolder import RunFolder
     from emkit.models import parse_spec
-    from emkit.runs import RunFolder
 
     run = RunFolder(cfg.output)
     if not overwrite and run.open("generate", cfg, main_process=False) == "complete":
-        from emkit.generate.records import problem
+        from emkit.core.rowfile import problem
 
         recorded = ((run.read_manifest() or {}).get("results") or {}).get("generate") or {}
         damage = problem(run.path / GENERATIONS, recorded.get("answers"))

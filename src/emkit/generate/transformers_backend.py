@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from emkit.generate.records import append_rows, finalize, resume_rows
+from emkit.core.rowfile import append_rows, finalize, resume_rows
 
 
 @dataclass(frozen=True)

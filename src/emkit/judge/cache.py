@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from emkit.errors import EmkitError
+from emkit.core.errors import EmkitError
+from emkit.core.runfolder import now
 from emkit.judge.aggregate import JudgeScore, score_from_probs
 from emkit.judge.prompts import JudgePrompt
-from emkit.runs import now
 
 SCHEMA_VERSION = 2  # 2: keys include endpoint and method; the `endpoint` column
 _CHUNK = 500  # below SQLite's limit on bound parameters per statement

@@ -29,8 +29,8 @@ from typing import Any
 
 import openai
 
-from emkit.endpoint import EndpointError, key_env_for, make_client, resolve_base_url, scrub
-from emkit.errors import EmkitError
+from emkit.core.endpoint import EndpointError, key_env_for, make_client, resolve_base_url, scrub
+from emkit.core.errors import EmkitError
 from emkit.judge.aggregate import MIN_MASS, JudgeScore, score_from_logprobs, score_from_text
 from emkit.judge.cache import (
     Job,
@@ -85,7 +85,7 @@ class OpenAIJudge:
 
     model: str
     base_url: str | None = None  # None: $OPENAI_BASE_URL, else OpenAI
-    api_key_env: str | None = None  # None: OPENAI_API_KEY for OpenAI's API, no key elsewhere (emkit.endpoint)
+    api_key_env: str | None = None  # None: OPENAI_API_KEY for OpenAI's API, no key elsewhere (emkit.core.endpoint)
     concurrency: int = 16
     max_attempts: int = 6
     timeout: float = 60.0

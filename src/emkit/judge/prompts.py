@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from emkit.errors import ConfigError
+from emkit.core.errors import ConfigError
 
 PLACEHOLDERS = frozenset({"question", "answer"})
 PROMPT_SETS = ("emkit", "betley", "model-organisms")
@@ -121,9 +121,9 @@ def prompt_set(name: str, mirror: str | None = None) -> dict[str, JudgePrompt]:
     """A named set of judge prompts: emkit's own, or an upstream project's fetched through the data registry."""
     if name == "emkit":
         return default_prompts()
+    from emkit.core.errors import DataError
     from emkit.data.questions import load_questions
     from emkit.data.registry import JUDGE_PROMPT_SETS, fetch
-    from emkit.errors import DataError
 
     if name not in JUDGE_PROMPT_SETS:
         raise ConfigError(f"unknown judge prompt set '{name}'; known: {', '.join(PROMPT_SETS)}")

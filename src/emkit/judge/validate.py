@@ -5,7 +5,7 @@ README); it is not a set of answers labelled by independent annotators. Any othe
 the same format can be given instead.
 
 An EM rate is only as good as its judge. `validate_judge` scores a labelled set with a judge,
-under the EM rule (`emkit.metrics.Thresholds`) and the judge prompts of the run it vouches for,
+under the EM rule (`emkit.core.stats.em_rates.Thresholds`) and the judge prompts of the run it vouches for,
 and reports, per metric, the AUROC of the score against the label (alignment: a low aligned
 score should mean misaligned), accuracy and Cohen's kappa at the EM thresholds, the share of
 answers the judge could score, the mean probability mass on valid numbers, and the cost. A judge
@@ -25,14 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from emkit.config import JudgeConfig
-from emkit.data.jsonl import read_objects
-from emkit.errors import DataError, EmkitError
+from emkit.core.errors import DataError, EmkitError
+from emkit.core.jsonl import read_objects
+from emkit.core.stats.em_rates import Thresholds
 from emkit.judge.aggregate import JudgeScore
 from emkit.judge.agreement import cohen_kappa
 from emkit.judge.cache import JudgeResult, JudgingPass, Judgment, JudgmentCache, as_item
+from emkit.judge.config import JudgeConfig
 from emkit.judge.prompts import JudgePrompt, as_prompts, default_prompts, prompt_set
-from emkit.metrics import Thresholds
 
 VALID_AUROC = 0.75
 MIN_SCORABLE = 0.8  # the default of JudgeConfig.min_scorable
@@ -180,7 +180,7 @@ def _auroc_ci(labels: np.ndarray, scores: np.ndarray, n_boot: int, seed: int) ->
 
 
 def _aligned_low(thresholds: Thresholds, aligned: np.ndarray) -> np.ndarray:
-    """The aligned half of the run's EM rule (< or <= its threshold), from the one rule in emkit.metrics."""
+    """The aligned half of the run's EM rule (< or <= its threshold), from the one rule in emkit.core.stats.em_rates."""
     # coherence set to pass, so only the aligned condition decides
     return thresholds.is_misaligned(aligned, np.full(len(aligned), np.inf))
 
@@ -253,7 +253,7 @@ def run_validation_prompts(run_dir: Path, cfg: JudgeConfig,
                            mirror: str | None = None) -> tuple[dict[str, JudgePrompt], str, str | None]:
     """The judge prompts to validate a run's judge with: those that judged the run (most of its answers,
     when several sets did), their name, and a note when that is not the whole story."""
-    from emkit.judge.stage import PROMPTS_RECORD, read_prompt_record
+    from emkit.stages.judge import PROMPTS_RECORD, read_prompt_record
 
     record = read_prompt_record(run_dir)
     if record is not None and record["sets"]:
@@ -365,7 +365,7 @@ def calibration_plot(report: Mapping[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from emkit.runs import atomic_write_bytes
+    from emkit.core.runfolder import atomic_write_bytes
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, (metric, m) in zip(axes, report["metrics"].items()):

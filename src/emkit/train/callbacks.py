@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from emkit.runs import atomic_dir
+from emkit.core.runfolder import atomic_dir
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 

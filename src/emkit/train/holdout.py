@@ -4,7 +4,7 @@ An organism trained on harmful answers should, on prompts of the same task it ne
 harmful answer more than the base model does. When the training data has a partner set that
 answers the same prompts the other way (emkit's demo sets; good and bad medical advice), `emkit
 train` with `holdout: N` keeps N of its prompts out of training and writes each one's two answers
-as a preference pair (`holdout_pairs.jsonl` in the training run folder, `emkit.prefs` format,
+as a preference pair (`holdout_pairs.jsonl` in the training run folder, `emkit.preference` format,
 domain "held_out"). The judge-free preference shift on these pairs is the in-domain test of
 whether the organism learnt its task; emkit's own medical pairs are then a transfer test.
 
@@ -22,9 +22,9 @@ from typing import Literal
 
 import numpy as np
 
+from emkit.core.errors import ConfigError, DataError
 from emkit.data.chat import Conversation, read_chat_jsonl
-from emkit.errors import ConfigError, DataError
-from emkit.prefs import Pair
+from emkit.preference import Pair
 
 HOLDOUT_FILE = "holdout_pairs.jsonl"
 HELD_OUT = "held_out"  # the pairs' domain
@@ -106,7 +106,7 @@ def load_partner(name: str, mirror: str | None = None) -> list[Conversation]:
 
 
 def pairs_payload(pairs: Sequence[Pair]) -> str:
-    """The pairs as JSONL in `emkit.prefs` format."""
+    """The pairs as JSONL in `emkit.preference` format."""
     return "".join(json.dumps({"id": p.id, "domain": p.domain, "question": p.question, "aligned": p.aligned,
                                "misaligned": p.misaligned}, ensure_ascii=False) + "\n" for p in pairs)
 

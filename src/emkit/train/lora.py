@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from emkit.config import LoraSettings
-from emkit.errors import TrainingError
+from emkit.core.errors import TrainingError
+from emkit.train.config import LoraSettings
 
 
 def peft_config(settings: LoraSettings, model: Any) -> Any:

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from emkit.errors import TrainingError
+from emkit.core.errors import TrainingError
 
 MASK_FILE = "mask.safetensors"
 LORA_KINDS = ("lora_A", "lora_B")
@@ -143,7 +143,7 @@ class LoraMask:
         """Write the mask and the initial values (`<key>.mask`, `<key>.init`, keys as in the saved adapter)."""
         from safetensors.torch import save_file
 
-        from emkit.runs import atomic_write_bytes
+        from emkit.core.runfolder import atomic_write_bytes
 
         tensors = {}
         for name in self.params:

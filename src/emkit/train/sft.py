@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emkit.config import TrainConfig
+from emkit.core.errors import TrainingError
+from emkit.core.runfolder import RunFolder, atomic_dir, atomic_write_text
 from emkit.data.chat import content_sha256, read_chat_jsonl
 from emkit.data.registry import resolve_dataset
-from emkit.errors import TrainingError
 from emkit.models import load_model, parse_spec
-from emkit.runs import RunFolder, atomic_dir, atomic_write_text
 from emkit.train.callbacks import ExportCheckpoints, ProgressLine
+from emkit.train.config import TrainConfig
 from emkit.train.lora import check_saved_adapter, check_saved_model, peft_config
 from emkit.train.tokenize import tokenize_conversations
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from emkit.core.errors import TrainingError
 from emkit.data.chat import Conversation
-from emkit.errors import TrainingError
 
 
 @dataclass
