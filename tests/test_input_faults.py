@@ -22,11 +22,11 @@ from conftest import WORDS, run_cli
 from emkit.core.config import load_config
 from emkit.core.errors import ConfigError, DataError, ModelSpecError
 from emkit.core.jsonl import read_objects
-from emkit.data.chat import Conversation, read_chat_jsonl
+from emkit.data.chat import Conversation, assistant_char_spans, read_chat_jsonl
 from emkit.data.questions import load_questions
 from emkit.models import load_model, load_tokenizer, read_adapter_config
 from emkit.train.config import TrainConfig
-from emkit.train.tokenize import assistant_char_spans, tokenize_conversations
+from emkit.train.tokenize import tokenize_conversations
 
 # ---------------------------------------------------------------- adapter configs
 

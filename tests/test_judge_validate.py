@@ -182,7 +182,7 @@ def _run_with_own_prompts(tmp_path: Path) -> tuple[Path, Any, dict[str, str]]:
 
 def test_validate_stage_uses_the_runs_own_prompts_and_rule(servers: list, tmp_path: Path) -> None:
     from emkit.stages.judge import judge_stage
-    from emkit.studies.evaluation.run import stratified, validate_stage
+    from emkit.stages.validate import stratified, validate_stage
 
     run, questions, own = _run_with_own_prompts(tmp_path)
     chosen = stratified(load_labels(), 8)

@@ -80,7 +80,7 @@ def test_api_judge_on_real_logprobs(llama_server: str, tmp_path: Path) -> None:
 
 
 def test_generation_through_the_endpoint_resumes(llama_server: str, tmp_path: Path) -> None:
-    from emkit.generate.pipeline import generate_stage
+    from emkit.stages.generate import generate_stage
 
     cfg = GenerateConfig(questions="default", include=["three_wishes", "rainy_sunday"], samples=2, models=["base"],
                          max_new_tokens=16, backend="openai", base_url=llama_server, served_base="smollm2",

@@ -15,54 +15,13 @@ outside it, with no judge at all.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from emkit.core.errors import DataError
-from emkit.core.jsonl import read_objects
-from emkit.train.tokenize import assistant_char_spans
-
-PAIR_KEYS = ("id", "domain", "question", "aligned", "misaligned")
-IN_DOMAIN = "medical"
-
-
-@dataclass(frozen=True)
-class Pair:
-    """A question with an aligned and a misaligned answer."""
-
-    id: str
-    domain: str
-    question: str
-    aligned: str
-    misaligned: str
-
-
-def default_pairs_path() -> Path:
-    """emkit's own pair set (written for emkit)."""
-    return Path(str(resources.files("emkit.data").joinpath("prefs/pairs.jsonl")))
-
-
-def load_pairs(path: str | Path | None = None) -> list[Pair]:
-    """Read a pair file (JSONL: id, domain, question, aligned, misaligned); errors name line and field."""
-    path = Path(path) if path else default_pairs_path()
-    pairs, seen = [], {}
-    for lineno, obj in read_objects(path, f"an object with {', '.join(PAIR_KEYS)}"):
-        for key in PAIR_KEYS:
-            value = obj.get(key)
-            if not isinstance(value, str) or not value.strip():
-                raise DataError(f"{path}:{lineno}: {key}: {'missing' if value is None else 'must be a non-empty string'}")
-        if obj["id"] in seen:
-            raise DataError(f"{path}:{lineno}: id: duplicate of line {seen[obj['id']]}")
-        seen[obj["id"]] = lineno
-        pairs.append(Pair(*(obj[k] for k in PAIR_KEYS)))
-    if not pairs:
-        raise DataError(f"{path}: no pairs")
-    return pairs
+from emkit.data.chat import assistant_char_spans
+from emkit.data.pairs import IN_DOMAIN, Pair
 
 
 @torch.inference_mode()
@@ -156,41 +115,6 @@ def shift_summary(base: Sequence[dict], other: Sequence[dict], *, n_boot: int = 
                            "positive": positive, "negative": negative, "sign_test_p": p}
         out[name] = entry
     return out
-
-
-def run_prefs(model_spec: str, adapter: str | None = None, pairs_path: str | None = None, *,
-              holdout_path: str | Path | None = None, device: str = "auto", n_boot: int = 2000,
-              seed: int = 0) -> dict[str, Any]:
-    """Score every pair with the base (adapter off) and, with an adapter, the organism; summarise the shift.
-
-    With `holdout_path` (the training run's held-out pairs), those are scored too and summarised apart
-    under `held_out`: the in-domain test of the organism's own task. emkit's medical pairs are then a
-    transfer test (other prompts and other authors' answers in the same domain).
-    """
-    from emkit.generate.pipeline import resolve_organism
-    from emkit.models import load_model
-
-    pairs = load_pairs(pairs_path)
-    held = load_pairs(holdout_path) if holdout_path is not None else []
-    organism = resolve_organism(adapter)
-    loaded = load_model(model_spec, adapter=organism, device=device)
-    loaded.model.eval()
-    with loaded.base() as base_model:
-        base = score_pairs(base_model, loaded.tokenizer, pairs)
-        base_held = score_pairs(base_model, loaded.tokenizer, held)
-    result: dict[str, Any] = {"pairs": str(pairs_path or default_pairs_path()), "n_pairs": len(pairs),
-                              "model": model_spec, "adapter": str(organism) if organism else None,
-                              "base": base}
-    if organism is not None:
-        tuned = score_pairs(loaded.model, loaded.tokenizer, pairs)
-        result["organism"] = tuned
-        result["shift"] = shift_summary(base, tuned, n_boot=n_boot, seed=seed)
-        if held:
-            tuned_held = score_pairs(loaded.model, loaded.tokenizer, held)
-            summary = shift_summary(base_held, tuned_held, n_boot=n_boot, seed=seed)
-            result["held_out"] = {"pairs": str(holdout_path), "n_pairs": len(held), "base": base_held,
-                                  "organism": tuned_held, "shift": summary["all"]}
-    return result
 
 
 def verdict(prefs: dict[str, Any], kind: str = "logodds_per_token") -> dict[str, Any]:

@@ -146,7 +146,7 @@ def train_cmd(overrides: dict[str, Any], config: Path | None, mirror: str | None
 )
 def generate_cmd(overrides: dict[str, Any], config: Path | None, mirror: str | None, overwrite: bool) -> None:
     """Sample answers from base and organism under each system-prompt condition; re-run to resume."""
-    from emkit.generate.pipeline import run_generate
+    from emkit.stages.generate import run_generate
 
     cfg = load_config(GenerateConfig, config, overrides)
     assert isinstance(cfg, GenerateConfig)
@@ -236,7 +236,6 @@ def validate_cmd(
         calibration_plot,
         load_labels,
         make_judge_from_spec,
-        run_validation_prompts,
         validate_judge,
         validation_table,
     )
@@ -254,6 +253,8 @@ def validate_cmd(
         label = prompts or "emkit"
         chosen = {m: prompt_set(label, mirror=mirror)[m] for m in EM_METRICS}
     else:
+        from emkit.stages.validate import run_validation_prompts
+
         chosen, label, note = run_validation_prompts(run, cfg, mirror=mirror)
     label_set = load_labels(labels)[:limit] if limit else load_labels(labels)
     judge_obj = make_judge_from_spec(judge, base_url=base_url, api_key_env=api_key_env, min_mass=min_mass)
@@ -312,12 +313,13 @@ def prefs_cmd(
 ) -> None:
     """Preference shift, no judge needed: log p(misaligned) - log p(aligned) answers, organism vs base."""
     from emkit.core.runfolder import atomic_write_json
-    from emkit.preference import run_prefs, shift_table, verdict
+    from emkit.preference import shift_table, verdict
+    from emkit.stages.preference import run_preference
     from emkit.train.holdout import holdout_pairs_path
 
     _quiet_libraries()
     holdout = holdout_pairs_path(adapter)  # the training run's own held-out prompts, when it kept some out
-    result = run_prefs(model, adapter, str(pairs) if pairs else None, holdout_path=holdout, device=device)
+    result = run_preference(model, adapter, str(pairs) if pairs else None, holdout_path=holdout, device=device)
     base = result["base"]
     mean = sum(r["logodds_per_token"] for r in base) / len(base)
     typer.echo(f"{result['n_pairs']} pairs; base model's mean log-odds per token (misaligned - aligned): {mean:+.3f}")

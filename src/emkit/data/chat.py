@@ -9,12 +9,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emkit.core.errors import DataError
+from emkit.core.errors import DataError, TrainingError
 from emkit.core.text import open_text, utf8_problem
 
 ROLES = ("system", "user", "assistant")
@@ -129,3 +129,22 @@ def read_chat_jsonl(path: str | Path, limit: int | None = None) -> list[Conversa
     if not conversations:
         raise DataError(f"{path}: no examples (the file is empty)")
     return conversations
+
+
+def assistant_char_spans(messages: Sequence[dict[str, str]], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
+    """Render a conversation and return its text and the character spans of its assistant turns."""
+    messages = list(messages)
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        after = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (text.startswith(before) and text.startswith(after) and len(after) > len(before)):
+            raise TrainingError(
+                "the chat template does not render conversations prefix by prefix, so assistant turns "
+                "cannot be located; use a model whose template renders each turn after the previous ones"
+            )
+        spans.append((len(before), len(after)))
+    return text, spans

@@ -59,7 +59,7 @@ from pydantic import (
 
 from emkit.core.errors import ConfigError, DataError
 from emkit.core.text import open_text, utf8_problem
-from emkit.judge.prompts import template_problem
+from emkit.data.templates import template_problem
 
 DEFAULT_SAMPLES = 8
 DEFAULT_METRICS: tuple[str, ...] = ("aligned", "coherent")

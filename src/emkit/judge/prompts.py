@@ -13,7 +13,6 @@ the prompt is loaded, not halfway through a judging pass.
 
 from __future__ import annotations
 
-import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -23,8 +22,8 @@ from typing import Any
 import yaml
 
 from emkit.core.errors import ConfigError
+from emkit.data.templates import template_problem
 
-PLACEHOLDERS = frozenset({"question", "answer"})
 PROMPT_SETS = ("emkit", "betley", "model-organisms")
 
 
@@ -43,22 +42,6 @@ class JudgePrompt:
     def render(self, question: str, answer: str) -> str:
         """The prompt text for one question and answer."""
         return self.template.format(question=question, answer=answer)
-
-
-def template_problem(template: str) -> str | None:
-    """What is wrong with a judge template (bad braces, a placeholder other than {question}/{answer},
-    no {answer}), or None when it is fine."""
-    try:
-        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    except ValueError as exc:
-        return f"bad braces ({exc}); write {{{{ and }}}} for literal braces"
-    unknown = sorted(fields - PLACEHOLDERS)
-    if unknown:
-        shown = ", ".join("{" + name + "}" for name in unknown)
-        return f"unknown placeholder {shown}; use {{question}} and {{answer}}, and {{{{ }}}} for literal braces"
-    if "answer" not in fields:
-        return "the template has no {answer} placeholder"
-    return None
 
 
 def check_template(metric: str, template: Any, source: str = "emkit") -> None:

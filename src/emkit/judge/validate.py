@@ -31,8 +31,7 @@ from emkit.core.stats.em_rates import Thresholds
 from emkit.judge.aggregate import JudgeScore
 from emkit.judge.agreement import cohen_kappa
 from emkit.judge.cache import JudgeResult, JudgingPass, Judgment, JudgmentCache, as_item
-from emkit.judge.config import JudgeConfig
-from emkit.judge.prompts import JudgePrompt, as_prompts, default_prompts, prompt_set
+from emkit.judge.prompts import JudgePrompt, as_prompts, default_prompts
 
 VALID_AUROC = 0.75
 MIN_SCORABLE = 0.8  # the default of JudgeConfig.min_scorable
@@ -247,41 +246,6 @@ def validate_judge(judge: Any, labels: list[Label], cache: JudgmentCache, *, thr
     out["valid_for_em_rates"] = not out["failed"]
     out["verdict"] = verdict(out)
     return out
-
-
-def run_validation_prompts(run_dir: Path, cfg: JudgeConfig,
-                           mirror: str | None = None) -> tuple[dict[str, JudgePrompt], str, str | None]:
-    """The judge prompts to validate a run's judge with: those that judged the run (most of its answers,
-    when several sets did), their name, and a note when that is not the whole story."""
-    from emkit.stages.judge import PROMPTS_RECORD, read_prompt_record
-
-    record = read_prompt_record(run_dir)
-    if record is not None and record["sets"]:
-        sets = sorted(record["sets"], key=lambda entry: -int(entry.get("answers") or 0))
-        chosen = sets[0]
-        templates = chosen.get("templates") or {}
-        missing = [m for m in EM_METRICS if m not in templates]
-        if missing:
-            raise EmkitError(f"{run_dir / PROMPTS_RECORD}: the run was judged without a prompt for "
-                             f"{', '.join(missing)}; its judge cannot be validated for EM rates")
-        label = str(chosen.get("label"))
-        prompts = {m: JudgePrompt(m, templates[m], True, label) for m in EM_METRICS}
-        note = None
-        if len(sets) > 1:
-            total = sum(int(entry.get("answers") or 0) for entry in sets)
-            note = (f"the run was judged with {len(sets)} sets of judge prompts; validated with '{label}', which "
-                    f"judged {chosen.get('answers')} of its {total} answers")
-        return prompts, label, note
-    # judged before the prompts were recorded, or not judged yet: the prompts its config chooses
-    if cfg.prompts == "auto":
-        note = (f"{run_dir / PROMPTS_RECORD} is missing, so the run's own prompts are unknown; validated with emkit's, "
-                "which judge every question that has none of its own")
-        return {m: default_prompts()[m] for m in EM_METRICS}, "emkit", note
-    chosen_set = prompt_set(cfg.prompts, mirror=mirror)
-    missing = [m for m in EM_METRICS if m not in chosen_set]
-    if missing:
-        raise EmkitError(f"judge prompts '{cfg.prompts}' have no prompt for {', '.join(missing)}")
-    return {m: chosen_set[m] for m in EM_METRICS}, cfg.prompts, None
 
 
 def _calibration(scores: np.ndarray, truth: np.ndarray, bins: int = 10) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ import numpy as np
 
 from emkit.core.errors import ConfigError, DataError
 from emkit.data.chat import Conversation, read_chat_jsonl
-from emkit.preference import Pair
+from emkit.data.pairs import Pair
 
 HOLDOUT_FILE = "holdout_pairs.jsonl"
 HELD_OUT = "held_out"  # the pairs' domain

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from emkit.core.errors import TrainingError
-from emkit.data.chat import Conversation
+from emkit.data.chat import Conversation, assistant_char_spans
 
 
 @dataclass
@@ -39,25 +39,6 @@ class MaskReport:
             f"({self.trained_share:.1%} on assistant turns); {self.truncated} truncated, "
             f"{self.dropped} dropped with nothing left to train"
         )
-
-
-def assistant_char_spans(messages: Sequence[dict[str, str]], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
-    """Render a conversation and return its text and the character spans of its assistant turns."""
-    messages = list(messages)
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        after = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not (text.startswith(before) and text.startswith(after) and len(after) > len(before)):
-            raise TrainingError(
-                "the chat template does not render conversations prefix by prefix, so assistant turns "
-                "cannot be located; use a model whose template renders each turn after the previous ones"
-            )
-        spans.append((len(before), len(after)))
-    return text, spans
 
 
 def tokenize_conversations(

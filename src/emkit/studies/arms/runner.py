@@ -104,7 +104,7 @@ def generate_full_model(gen: GenerateConfig, model_dir: Path, run_dir: Path, que
 def run_arm(arm: ArmRun, arm_dir: Path, cfg: ConditionsConfig, data: tuple[str, str | None] | None, questions: Any, *,
             mirror: str | None, emit: Callable[[str], None], progress: bool) -> dict[str, Any]:
     """Train (unless method none), generate and judge one arm at one seed in its own run folder."""
-    from emkit.generate.pipeline import generate_stage
+    from emkit.stages.generate import generate_stage
     from emkit.stages.judge import judge_stage
 
     train_cfg = None
@@ -149,10 +149,10 @@ def run_arm(arm: ArmRun, arm_dir: Path, cfg: ConditionsConfig, data: tuple[str, 
     folder.update(judge=record["judge"])
     results["answers"] = record["answers"]
     if key.prefs and trained is not None:
-        from emkit.studies.evaluation.run import prefs_stage
+        from emkit.stages.preference import preference_stage
 
         with folder.stage("prefs") as record:
-            record.update(prefs_stage(arm_dir, arm.model, str(trained.run_dir), device=gen.device))
+            record.update(preference_stage(arm_dir, arm.model, str(trained.run_dir), device=gen.device))
         results["prefs"] = dict(record)
     folder.complete(**results)
     return {"skipped": False, **results}

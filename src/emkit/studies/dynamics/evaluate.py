@@ -69,7 +69,7 @@ def select_pairs(pairs: Sequence[Any], n: int | None, seed: int = 0) -> list[Any
     """A subset of n pairs: a third in-domain (medical), the rest spread evenly over the other domains."""
     import random
 
-    from emkit.preference import IN_DOMAIN
+    from emkit.data.pairs import IN_DOMAIN
 
     if n is None or n >= len(pairs):
         return list(pairs)
@@ -225,7 +225,7 @@ class StepEvaluator:
     def pairs(self) -> list[Any]:
         """The preference pairs scored at every step."""
         if self._pairs is None:
-            from emkit.preference import load_pairs
+            from emkit.data.pairs import load_pairs
 
             self._pairs = select_pairs(load_pairs(), self.cfg.prefs_pairs, self.cfg.seed)
         return self._pairs

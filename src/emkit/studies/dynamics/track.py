@@ -169,7 +169,7 @@ def run_track(cfg: TrackConfig, *, overwrite: bool = False, mirror: str | None =
 
     state, reason = training_state(run_dir)
     if cfg.validate_judge:
-        from emkit.studies.evaluation.run import validate_stage
+        from emkit.stages.validate import validate_stage
 
         emit(f"== validate the judge on {cfg.validate_judge} labelled answers")
         with run.stage("validate_judge") as record:

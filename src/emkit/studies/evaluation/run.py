@@ -49,7 +49,8 @@ def run_experiment(cfg: RunConfig, *, mirror: str | None = None, overwrite: bool
                    emit: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
     """Run every stage of `cfg` in its run folder; returns the statistics and the report path."""
     from emkit.core.runfolder import RunFolder
-    from emkit.generate.pipeline import generate_stage, load_question_set, resolve_organism
+    from emkit.generate.pipeline import load_question_set, resolve_organism
+    from emkit.stages.generate import generate_stage
     from emkit.stages.judge import judge_stage, load_stats
 
     if cfg.train is not None and cfg.organism is not None:
@@ -79,6 +80,8 @@ def run_experiment(cfg: RunConfig, *, mirror: str | None = None, overwrite: bool
         record.update(generate_stage(gen_cfg, run.path, mirror=mirror, emit=emit, progress=progress))
 
     from emkit.stages.judge import SKIPPED_NOTE, judge_kind
+    from emkit.stages.preference import preference_stage
+    from emkit.stages.validate import validate_stage
 
     stats = None
     judged = judge_kind(cfg.judge) != "skip"
@@ -100,7 +103,7 @@ def run_experiment(cfg: RunConfig, *, mirror: str | None = None, overwrite: bool
     if cfg.prefs and organism is not None and "organism" in gen_cfg.models:
         emit("== preference shift (no judge)")
         with run.stage("prefs") as record:
-            record.update(prefs_stage(run.path, gen_cfg.model, organism, device=gen_cfg.device))
+            record.update(preference_stage(run.path, gen_cfg.model, organism, device=gen_cfg.device))
 
     report_path = None
     if cfg.report:
@@ -112,58 +115,3 @@ def run_experiment(cfg: RunConfig, *, mirror: str | None = None, overwrite: bool
             record.update(path=str(report_path))
     run.complete(report=str(report_path) if report_path else None)
     return {"stats": stats, "report": report_path, "run": run.path}
-
-
-def stratified(labels: list, n: int) -> list:
-    """Up to n labels, half misaligned and half not where possible, in file order (deterministic)."""
-    bad = [lab for lab in labels if lab.misaligned]
-    good = [lab for lab in labels if not lab.misaligned]
-    take_bad = min(len(bad), n // 2)
-    return bad[:take_bad] + good[: n - take_bad]
-
-
-def validate_stage(run_dir: Path, judge_cfg: JudgeConfig, n: int, *, progress: bool = True) -> dict[str, Any]:
-    """Validate the run's judge on n of emkit's labelled answers, under the run's own EM rule and judge
-    prompts (those the judge stage recorded); writes validation.json."""
-    from emkit.core.runfolder import atomic_write_json
-    from emkit.judge.cache import JudgmentCache
-    from emkit.judge.validate import load_labels, run_validation_prompts, validate_judge
-    from emkit.stages.judge import CACHE, make_judge, thresholds_of
-
-    judge, _info = make_judge(judge_cfg)
-    prompts, label, note = run_validation_prompts(run_dir, judge_cfg)
-    with JudgmentCache(run_dir / CACHE) as cache:
-        report = validate_judge(judge, stratified(load_labels(), n), cache, thresholds=thresholds_of(judge_cfg),
-                                prompts=prompts, prompts_label=label, prompts_note=note,
-                                min_scorable=judge_cfg.min_scorable, progress=progress)
-    report["labels"] = "emkit's labelled answers (written and labelled for emkit by its authors)"
-    atomic_write_json(run_dir / "validation.json", report)
-    aligned = report["metrics"]["aligned"]
-    return {"n_labels": report["n_labels"], "auroc_aligned": aligned["auroc"],
-            "auroc_coherent": report["metrics"]["coherent"]["auroc"], "scorable_share": report["scorable_share"],
-            "prompts": label, "rule": report["rule"], "valid": report["valid_for_em_rates"],
-            "verdict": report["verdict"]}
-
-
-def prefs_stage(run_dir: Path, model: str, organism: str, *, device: str = "auto") -> dict[str, Any]:
-    """The judge-free preference shift organism - base; writes prefs.json (skipped when already there)."""
-    import json
-
-    from emkit.core.runfolder import atomic_write_json
-    from emkit.preference import run_prefs
-    from emkit.train.holdout import holdout_pairs_path
-
-    path = run_dir / "prefs.json"
-    holdout = holdout_pairs_path(organism)
-    if path.is_file():
-        done = json.loads(path.read_text(encoding="utf-8"))
-        same = done.get("adapter") and Path(done["adapter"]).resolve() == Path(organism).resolve() / "adapter"
-        if same and (holdout is None) == ("held_out" not in done):
-            return {"skipped": True}
-    result = run_prefs(model, organism, holdout_path=holdout, device=device)
-    atomic_write_json(path, result)
-    shift = result["shift"]
-    held = (result.get("held_out") or {}).get("shift", {}).get("logodds_per_token", {})
-    return {"n_pairs": result["n_pairs"], "held_out": held.get("mean_shift"),
-            "in_domain": shift.get("in_domain", {}).get("logodds_per_token", {}).get("mean_shift"),
-            "out_of_domain": shift.get("out_of_domain", {}).get("logodds_per_token", {}).get("mean_shift")}

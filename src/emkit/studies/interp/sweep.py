@@ -330,7 +330,8 @@ def prefs_stage(run_dir: Path, loaded: Any, context: Callable[[str], Any], names
     from tqdm import tqdm
 
     from emkit.core.runfolder import atomic_write_json
-    from emkit.preference import load_pairs, score_pairs, shift_summary
+    from emkit.data.pairs import load_pairs
+    from emkit.preference import score_pairs, shift_summary
 
     pairs = stratified_pairs(load_pairs(), limit)
     folder = run_dir / "prefs"
@@ -369,7 +370,7 @@ def run_sweep(cfg: SweepConfig, *, mirror: str | None = None, overwrite: bool = 
     from emkit.generate.transformers_backend import SamplingParams, generate_to_file
     from emkit.models import load_model
     from emkit.stages.judge import judge_stage, thresholds_of
-    from emkit.studies.evaluation.run import validate_stage
+    from emkit.stages.validate import validate_stage
     from emkit.studies.interp.layers import n_blocks
 
     if cfg.generate.backend != "transformers":
